@@ -1,0 +1,246 @@
+"""Checkpoints: the release's key layout, MAE initialisation, atomic save, safe load.
+
+Native module names follow timm/MAE; the release (spec §6) names the same tensors the MONAI
+way. ``RELEASE_RENAMES`` is the one (native, release) table used in both directions.
+``{n}`` stands for a block number. Keys not in the table are identical in both layouts.
+
+Checkpoint file (``checkpoint_{epoch}.pth``): ``{"model": release-layout state dict without
+frozen parameters, "optimizer": ..., "epoch": int, "config": plain dict, **extra}``, written to
+a temporary file and moved into place with ``os.replace``, loaded with
+``torch.load(weights_only=True)`` (so only tensors and primitive containers are stored).
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import pickle
+import re
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models.vit3d import VisionTransformer3D, resample_pos_embed_3d
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "RELEASE_RENAMES", "CheckpointError", "to_release_state_dict", "from_release_state_dict",
+    "filter_state_dict", "load_model_state", "load_mae_into_vit", "save_checkpoint", "load_checkpoint",
+    "resample_pos_embed_3d",
+]
+
+RELEASE_RENAMES: tuple[tuple[str, str], ...] = (
+    ("visual_encoder.patch_embed.proj.", "visual_encoder.patch_embedding.patch_embeddings."),
+    ("visual_encoder.pos_embed", "visual_encoder.patch_embedding.position_embeddings"),
+    ("visual_encoder.blocks.{n}.attn.proj.", "visual_encoder.blocks.{n}.attn.out_proj."),
+    ("visual_encoder.blocks.{n}.mlp.fc1.", "visual_encoder.blocks.{n}.mlp.linear1."),
+    ("visual_encoder.blocks.{n}.mlp.fc2.", "visual_encoder.blocks.{n}.mlp.linear2."),
+)
+# a key that only the release layout has
+_RELEASE_SENTINEL = "visual_encoder.patch_embedding.patch_embeddings.weight"
+# keys a release checkpoint may carry that our model does not use (spec §6)
+_IGNORED_PREFIXES = ("text_encoder.cls.", "text_encoder.cls_projection_head.", "text_encoder.pooler.")
+_IGNORED_KEYS = ("text_encoder.embeddings.position_ids", "text_encoder.embeddings.token_type_ids")
+_TOKEN_TYPE_KEY = "text_encoder.embeddings.token_type_embeddings.weight"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint or weight file is missing, unreadable or does not fit the model."""
+
+
+def _compile(template: str) -> tuple[re.Pattern[str], str]:
+    pattern = "^" + re.escape(template).replace(re.escape("{n}"), r"(\d+)")
+    return re.compile(pattern), template.replace("{n}", r"\1")
+
+
+_TO_RELEASE = [(_compile(a)[0], _compile(b)[1]) for a, b in RELEASE_RENAMES]
+_FROM_RELEASE = [(_compile(b)[0], _compile(a)[1]) for a, b in RELEASE_RENAMES]
+
+
+def _rename(key: str, rules: list[tuple[re.Pattern[str], str]]) -> str:
+    for pattern, repl in rules:
+        new, n = pattern.subn(repl, key, count=1)
+        if n:
+            return new
+    return key
+
+
+def to_release_state_dict(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Native (timm/MAE names) -> release layout (spec §6)."""
+    return {_rename(k, _TO_RELEASE): v for k, v in sd.items()}
+
+
+def from_release_state_dict(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Release layout -> native names. Drops ``text_encoder.embeddings.position_ids``,
+    ``text_encoder.cls.*`` (masked-LM head) and other unused heads; a missing token-type
+    table becomes zeros (2 x hidden; ``filter_state_dict`` uses the model's shape)."""
+    out = {_rename(k, _FROM_RELEASE): v for k, v in sd.items()
+           if not k.startswith(_IGNORED_PREFIXES) and k not in _IGNORED_KEYS}
+    word = out.get("text_encoder.embeddings.word_embeddings.weight")
+    if word is not None and _TOKEN_TYPE_KEY not in out:
+        out[_TOKEN_TYPE_KEY] = word.new_zeros((2, word.shape[1]))
+    return out
+
+
+def _unwrap(sd: Mapping[str, Any]) -> dict[str, Any]:
+    for key in ("model", "state_dict"):
+        if key in sd and isinstance(sd[key], Mapping):
+            sd = sd[key]
+    return {(k[len("module."):] if k.startswith("module.") else k): v for k, v in sd.items()}
+
+
+def filter_state_dict(sd: Mapping[str, Any], model: nn.Module) -> dict[str, torch.Tensor]:
+    """Any known layout (release, ours, wrapped in ``model``/``state_dict``, ``module.``
+    prefixes) -> native keys of ``model``. Missing token-type embeddings become zeros of the
+    model's shape (the release may lack them: behave as if they were zero)."""
+    sd = _unwrap(sd)
+    is_release = _RELEASE_SENTINEL in sd or any(k.startswith("visual_encoder.patch_embedding.") for k in sd)
+    if is_release:
+        sd = from_release_state_dict(sd)
+    else:
+        sd = {k: v for k, v in sd.items() if not k.startswith(_IGNORED_PREFIXES) and k not in _IGNORED_KEYS}
+    own = model.state_dict()
+    if _TOKEN_TYPE_KEY in own:
+        tt = sd.get(_TOKEN_TYPE_KEY)
+        if tt is None or (is_release and tt.shape != own[_TOKEN_TYPE_KEY].shape and not tt.any()):
+            sd[_TOKEN_TYPE_KEY] = torch.zeros_like(own[_TOKEN_TYPE_KEY])
+            logger.info("checkpoint has no token-type embeddings: using zeros")
+    pos = sd.get("visual_encoder.pos_embed")
+    if pos is not None and "visual_encoder.pos_embed" in own and pos.shape != own["visual_encoder.pos_embed"].shape:
+        raise CheckpointError(
+            f"position embeddings {tuple(pos.shape)} do not fit the model's {tuple(own['visual_encoder.pos_embed'].shape)}: "
+            "build the model with the crop size and patch size the checkpoint was trained with")
+    return sd
+
+
+def load_model_state(model: nn.Module, sd: Mapping[str, Any], strict: bool = True) -> dict[str, list[str]]:
+    """Load a state dict in the release layout or ours into ``model`` (unwrapped).
+
+    ``strict``: unexpected keys are an error, and so are missing keys, except parameters the
+    model has frozen (``requires_grad=False``; checkpoints leave them out). Returns
+    ``{"missing": [...], "unexpected": [...]}``.
+    """
+    sd = filter_state_dict(sd, model)
+    result = model.load_state_dict(sd, strict=False)
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    missing = [k for k in result.missing_keys if k not in frozen]
+    unexpected = list(result.unexpected_keys)
+    if strict and (missing or unexpected):
+        raise CheckpointError(
+            f"checkpoint does not fit the model: {len(missing)} missing keys {missing[:8]}, "
+            f"{len(unexpected)} unexpected keys {unexpected[:8]}")
+    if missing or unexpected:
+        logger.warning("non-strict load: missing %s, unexpected %s", missing, unexpected)
+    return {"missing": missing, "unexpected": unexpected}
+
+
+def _mae_pos_embed_to_3d(pos2d: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
+    """MAE (1, [1+]s*s, C) 2D table -> (1, d*h*w, C): drop cls, bilinear (align_corners=False)
+    resize of the s x s grid to (h, w) (rows -> H, columns -> W), repeat d times along D."""
+    n, length, dim = pos2d.shape
+    side = math.isqrt(length)
+    if side * side != length:
+        side = math.isqrt(length - 1)
+        if side * side != length - 1:
+            raise CheckpointError(f"MAE pos_embed has {length} tokens: not [cls +] a square grid")
+        pos2d = pos2d[:, 1:]
+    d, h, w = grid
+    table = pos2d.float().reshape(n, side, side, dim).permute(0, 3, 1, 2)  # [1, C, s, s]
+    table = F.interpolate(table, size=(h, w), mode="bilinear", align_corners=False)  # [1, C, h, w]
+    table = table.permute(0, 2, 3, 1).reshape(n, 1, h * w, dim).expand(n, d, h * w, dim)  # [1, d, h*w, C]
+    return table.reshape(n, d * h * w, dim).to(pos2d.dtype)
+
+
+def load_mae_into_vit(vit: VisionTransformer3D, path: str | Path) -> dict[str, Any]:
+    """Initialise ``vit`` from MAE ``mae_pretrain_vit_base.pth`` (spec §4).
+
+    Drops decoder keys, ``mask_token``, ``cls_token`` and ``patch_embed.*``; resizes the 2D
+    position table (see ``_mae_pos_embed_to_3d``); loads ``blocks.*`` and ``norm.*`` 1:1
+    (blocks beyond ``vit``'s depth are skipped). Raises ``CheckpointError`` for a missing or
+    malformed file. Returns ``{"loaded": [...], "skipped": [...], "not_initialised": [...]}``.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(
+            f"MAE weights not found: {path} (download mae_pretrain_vit_base.pth from facebookresearch/mae "
+            "or set the MAE weights path to null to train from scratch)")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as e:
+        raise CheckpointError(f"cannot read MAE weights {path}: {e}") from e
+    if not isinstance(ckpt, Mapping):
+        raise CheckpointError(f"{path}: expected a dict with key 'model', got {type(ckpt).__name__}")
+    sd = ckpt.get("model", ckpt)
+    if not isinstance(sd, Mapping) or "pos_embed" not in sd or not any(k.startswith("blocks.") for k in sd):
+        raise CheckpointError(f"{path}: not an MAE/timm ViT checkpoint (no 'model' dict with pos_embed and blocks.*)")
+    own = vit.state_dict()
+    new: dict[str, torch.Tensor] = {}
+    skipped: list[str] = []
+    for key, value in sd.items():
+        if key.startswith(("decoder", "patch_embed.")) or key in ("mask_token", "cls_token"):
+            skipped.append(key)
+        elif key == "pos_embed":
+            if value.shape[-1] != vit.embed_dim:
+                raise CheckpointError(f"{path}: pos_embed width {value.shape[-1]} != embed_dim {vit.embed_dim}")
+            new["pos_embed"] = _mae_pos_embed_to_3d(value, vit.native_grid)
+        elif key in own:
+            if own[key].shape != value.shape:
+                raise CheckpointError(f"{path}: {key} has shape {tuple(value.shape)}, the model {tuple(own[key].shape)}")
+            new[key] = value
+        else:
+            skipped.append(key)
+    vit.load_state_dict(new, strict=False)
+    not_init = sorted(k for k in own if k not in new)
+    logger.info("MAE init from %s: loaded %d tensors, skipped %d (%s), left at init: %s",
+                path, len(new), len(skipped), ", ".join(sorted({k.split('.')[0] for k in skipped})), not_init)
+    return {"loaded": sorted(new), "skipped": sorted(skipped), "not_initialised": not_init}
+
+
+def _unwrap_module(model: nn.Module) -> nn.Module:
+    return model.module if hasattr(model, "module") and isinstance(model.module, nn.Module) else model
+
+
+def save_checkpoint(
+    path: str | Path,
+    *,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None = None,
+    epoch: int,
+    config: Mapping[str, Any] | None = None,
+    extra: Mapping[str, Any] | None = None,
+) -> Path:
+    """Atomically write ``{"model", "optimizer", "epoch", "config", **extra}`` (release key layout,
+    frozen parameters left out). ``config`` and ``extra`` must hold only tensors and primitive
+    containers (``load_checkpoint`` uses ``weights_only=True``)."""
+    path = Path(path)
+    model = _unwrap_module(model)
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items() if k not in frozen}
+    payload: dict[str, Any] = {
+        "model": to_release_state_dict(state),
+        "optimizer": optimizer.state_dict() if optimizer is not None else None,
+        "epoch": int(epoch),
+        "config": dict(config) if config is not None else None,
+    }
+    payload.update(extra or {})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Read a checkpoint on the CPU with ``weights_only=True``; ``CheckpointError`` when missing
+    or not loadable as plain data."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as e:
+        raise CheckpointError(f"cannot load {path} with weights_only=True: {e}") from e

@@ -1,0 +1,199 @@
+"""NIfTI I/O for the pipeline and the training cache.
+
+Array layout: every array here is ``(D, H, W)`` = ``(z, y, x)``, exactly what
+``SimpleITK.GetArrayFromImage`` returns for the same file. On disk the files are
+standard NIfTI-1 (x fastest), so the ``(D, H, W)`` C-order array is the
+transpose of nibabel's ``(x, y, z)`` Fortran-order array: no copy either way.
+
+Geometry is given the SimpleITK way (LPS): ``spacing_xyz``, ``origin_xyz`` and
+``direction`` (9 floats, row-major 3x3 matrix whose columns are the x, y, z axis
+directions). The NIfTI affine stores it in RAS (x and y negated), as
+SimpleITK/ITK write it, so SimpleITK reads back the same geometry and viewers
+(ITK-SNAP, 3D Slicer, FSLeyes) show the volume the right way round.
+
+Training cache (``processed_{split}_images``/``_masks``): uncompressed int16 HU /
+uint8 anatomy ids. ``open_volume`` memory-maps it: a random crop reads only the
+voxels it needs, losslessly, and the files open in any viewer. HU scaling
+happens at read time (``scale_hu``).
+"""
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Sequence
+
+import nibabel as nib
+import numpy as np
+from nibabel.filebasedimages import ImageFileError
+
+_LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
+IDENTITY_DIRECTION = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
+
+
+class VolumeReadError(ValueError):
+    """A volume file is missing, corrupt, truncated or not in the expected format."""
+
+
+def tmp_path_for(path: str | Path) -> Path:
+    """Temporary sibling used for atomic writes: ``.tmp-{name}`` (same directory, same suffix).
+
+    The name is deterministic, so a stale file left by a killed run is simply
+    overwritten by the next attempt, and it starts with a dot, so listings skip it.
+    """
+    path = Path(path)
+    return path.with_name(f".tmp-{path.name}")
+
+
+def affine_from_geometry(spacing_xyz: Sequence[float], origin_xyz: Sequence[float],
+                         direction: Sequence[float] = IDENTITY_DIRECTION) -> np.ndarray:
+    """4x4 NIfTI (RAS) affine from SimpleITK (LPS) geometry."""
+    rot = np.asarray(direction, dtype=np.float64).reshape(3, 3)
+    affine = np.eye(4)
+    affine[:3, :3] = _LPS_TO_RAS @ rot @ np.diag(np.asarray(spacing_xyz, dtype=np.float64))
+    affine[:3, 3] = _LPS_TO_RAS @ np.asarray(origin_xyz, dtype=np.float64)
+    return affine
+
+
+def geometry_from_affine(affine: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...], tuple[float, ...]]:
+    """Inverse of ``affine_from_geometry``: (spacing_xyz, origin_xyz, direction)."""
+    lps = _LPS_TO_RAS @ np.asarray(affine, dtype=np.float64)[:3]
+    spacing = np.linalg.norm(lps[:, :3], axis=0)
+    rot = lps[:, :3] / spacing
+    return tuple(spacing.tolist()), tuple(lps[:, 3].tolist()), tuple(rot.ravel().tolist())
+
+
+def _load(path: str | Path) -> nib.Nifti1Image:
+    try:
+        img = nib.load(str(path), mmap=True)
+    except FileNotFoundError:
+        raise VolumeReadError(f"missing file {path}") from None
+    except (ImageFileError, OSError, ValueError, EOFError) as exc:
+        raise VolumeReadError(f"unreadable NIfTI {path}: {exc}") from exc
+    if len(img.shape) != 3:
+        raise VolumeReadError(f"{path}: expected a 3D volume, got shape {img.shape}")
+    return img
+
+
+def check_complete(path: str | Path) -> None:
+    """``VolumeReadError`` unless the file holds the whole volume its header announces.
+
+    SimpleITK zero-fills a truncated ``.nii.gz`` without an error, so readers call
+    this first: for gzip the trailer's ISIZE (uncompressed size mod 2**32) must equal
+    ``data offset + voxels * bytes per voxel``; an uncompressed file must be that long.
+    """
+    img = _load(path)
+    expected = img.dataobj.offset + int(np.prod(img.shape)) * img.get_data_dtype().itemsize
+    path = Path(path)
+    size = path.stat().st_size
+    if str(path).endswith(".gz"):
+        with open(path, "rb") as f:
+            f.seek(max(size - 4, 0))
+            isize = int.from_bytes(f.read(4), "little")
+        if isize != expected % 2**32:
+            raise VolumeReadError(f"truncated gzip NIfTI {path.name} (trailer size {isize}, expected {expected})")
+    elif size < expected:
+        raise VolumeReadError(f"truncated NIfTI {path.name} ({size} bytes, expected {expected})")
+
+
+def open_volume(path: str | Path) -> np.ndarray:
+    """Memory-mapped ``(D, H, W)`` view of an uncompressed, unscaled NIfTI (no full decode)."""
+    img = _load(path)
+    proxy = img.dataobj
+    if str(path).endswith(".gz"):
+        raise VolumeReadError(f"{path}: compressed NIfTI cannot be memory-mapped")
+    if proxy.slope != 1.0 or proxy.inter != 0.0:
+        raise VolumeReadError(f"{path}: scaled NIfTI (scl_slope={proxy.slope}, scl_inter={proxy.inter})")
+    try:
+        arr = proxy.get_unscaled()
+    except (ValueError, OSError) as exc:  # truncated file: mmap larger than the file
+        raise VolumeReadError(f"truncated or unreadable NIfTI {path}: {exc}") from exc
+    return arr.T
+
+
+def read_geometry(path: str | Path) -> tuple[tuple[float, ...], tuple[float, ...], tuple[float, ...]]:
+    """(spacing_xyz, origin_xyz, direction) from the header only."""
+    return geometry_from_affine(_load(path).affine)
+
+
+def read_spacing_xyz(path: str | Path) -> tuple[float, float, float]:
+    """Voxel spacing (x, y, z) in mm from the header only."""
+    spacing = read_geometry(path)[0]
+    return float(spacing[0]), float(spacing[1]), float(spacing[2])
+
+
+def write_volume(path: str | Path, array_dhw: np.ndarray, spacing_xyz: Sequence[float],
+                 origin_xyz: Sequence[float] = (0.0, 0.0, 0.0),
+                 direction: Sequence[float] = IDENTITY_DIRECTION, *, compresslevel: int = 1) -> None:
+    """Write a ``(D, H, W)`` array atomically (``.tmp-`` sibling, then ``os.replace``).
+
+    ``.nii`` is written uncompressed (the cache format); ``.nii.gz`` with gzip
+    ``compresslevel`` (1 = fastest). The dtype is kept; no scaling is stored.
+    """
+    path = Path(path)
+    array_dhw = np.asarray(array_dhw)
+    if array_dhw.ndim != 3:
+        raise ValueError(f"expected a (D, H, W) array, got shape {array_dhw.shape}")
+    img = nib.Nifti1Image(array_dhw.T, affine_from_geometry(spacing_xyz, origin_xyz, direction))
+    img.header.set_data_dtype(array_dhw.dtype)
+    img.header.set_xyzt_units("mm", "sec")
+    img.set_qform(img.affine, code=1)
+    img.set_sform(img.affine, code=1)
+    tmp = tmp_path_for(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    previous = nib.openers.Opener.default_compresslevel
+    nib.openers.Opener.default_compresslevel = compresslevel
+    try:
+        nib.save(img, str(tmp))
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    finally:
+        nib.openers.Opener.default_compresslevel = previous
+    os.replace(tmp, path)
+
+
+def scale_hu(array: np.ndarray, hu_window: Sequence[float] = (-1150, 350)) -> np.ndarray:
+    """Clip HU to ``hu_window`` and scale linearly to float32 [0, 1] (lo -> 0, hi -> 1).
+
+    ``array`` may be any view (a memory-mapped crop, flipped): the first pass reads
+    it once and every later pass runs on a contiguous buffer.
+    """
+    lo, hi = float(hu_window[0]), float(hu_window[1])
+    if hi <= lo:
+        raise ValueError(f"hu_window must be increasing, got {hu_window}")
+    array = np.asarray(array)
+    out = np.empty(array.shape, dtype=np.float32)
+    width = np.float32(hi - lo)
+    if np.issubdtype(array.dtype, np.integer):
+        # for integers clip(x, lo, hi) == clip(x, ceil(lo), floor(hi)): stays in the input dtype
+        info = np.iinfo(array.dtype)
+        lo_i, hi_i = max(math.ceil(lo), info.min), min(math.floor(hi), info.max)
+        clipped = np.clip(array, array.dtype.type(lo_i), array.dtype.type(hi_i),
+                          out=np.empty(array.shape, dtype=array.dtype))
+        if lo_i == lo and hi_i - lo_i <= info.max:  # shift exactly in the integer domain
+            np.subtract(clipped, array.dtype.type(lo_i), out=clipped)
+            np.divide(clipped, width, out=out, dtype=np.float32)
+            return out
+        np.subtract(clipped, np.float32(lo), out=out, dtype=np.float32)
+    else:
+        np.subtract(array, np.float32(lo), out=out, dtype=np.float32)
+        np.clip(out, 0.0, width, out=out)
+    out /= width
+    return out
+
+
+def list_volumes(data_root: str | Path, split: str) -> list[Path]:
+    """Sorted processed image paths ``processed_{split}_images/*/*/*.nii``."""
+    folder = Path(data_root) / f"processed_{split}_images"
+    return sorted(p for p in folder.glob("*/*/*.nii") if not p.name.startswith("."))
+
+
+def image_to_mask_path(path: str | Path) -> Path:
+    """``.../processed_{split}_images/a/b/x.nii`` -> ``.../processed_{split}_masks/a/b/x.nii``."""
+    path = Path(path)
+    folder = path.parents[2]
+    if not folder.name.endswith("_images"):
+        raise ValueError(f"{path} is not inside a *_images folder")
+    mask_folder = folder.with_name(folder.name[: -len("_images")] + "_masks")
+    return mask_folder / path.relative_to(folder)

@@ -1,0 +1,206 @@
+"""Step 2, mask (spec §2.2): fixed volume -> ``{split}_mask/`` TotalSegmentator ``total`` labels (uint8).
+
+Default: TotalSegmentator's python API, task ``total`` (``--fast`` for the 3 mm
+model, ``--device``), with ``roi_subset`` = the classes the anatomy map merges.
+Before anything runs, the weights it needs are checked under its own lookup
+(``$TOTALSEG_WEIGHTS_PATH``, else ``$TOTALSEG_HOME_DIR/nnunet/results``, else
+``~/.totalsegmentator/nnunet/results``; see ``totalsegmentator.config.get_weights_dir``):
+if any is missing the step stops with one line saying how to install them and
+writes nothing, so TotalSegmentator never starts a download. Its usage
+statistics (posted after every prediction unless its ``config.json`` says
+``"send_usage_stats": false``) are switched off before the first call.
+
+``--masks-from DIR`` instead takes existing label maps
+``DIR/{split}/{patient}/{scan}/{name}`` (e.g. the synthetic ``totalseg_gt``): each
+must have the fixed image's shape and geometry (tolerance 1e-3) and only labels of
+``totalsegmentator.map_to_binary.class_map["total"]``.
+
+Output: uint8 labels with the fixed image's geometry, ``.nii.gz`` at gzip level 1.
+``--config`` gives the anatomy map (for ``roi_subset``).
+"""
+from __future__ import annotations
+
+import sys
+from functools import partial
+from pathlib import Path
+from typing import Sequence
+
+if __package__ in (None, ""):  # run as `python generate_mask.py` from inside data/
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import nibabel as nib
+import numpy as np
+import SimpleITK as sitk
+
+from data.cache import read_geometry, write_volume
+from data.common import (CaseError, PipelineConfig, PipelineError, RunSummary, Task, list_inputs,
+                         load_pipeline_config, run_cli, run_tasks, step_parser, volume_relpath)
+from data.fix_data import read_sitk
+
+GEOMETRY_TOLERANCE = 1e-3
+INSTALL_HINT = ("run `totalseg_download_weights -t total` on a machine with internet access, then copy its "
+                "~/.totalsegmentator/nnunet/results folder to {path} (or point $TOTALSEG_WEIGHTS_PATH at it)")
+
+
+class WeightsMissingError(PipelineError):
+    """TotalSegmentator weights are not installed (it would try to download them)."""
+
+
+def total_class_ids() -> set[int]:
+    """Label ids of TotalSegmentator's ``total`` task (0 = background not included)."""
+    from totalsegmentator.map_to_binary import class_map
+    return set(class_map["total"])
+
+
+def required_weight_dirs(*, fast: bool, roi_subset: bool) -> list[Path]:
+    """Weight folders TotalSegmentator's ``total`` task will load (it downloads any that is missing)."""
+    from totalsegmentator.config import get_weights_dir
+    from totalsegmentator.map_tasks_config import TASK_CONFIGS, TASK_ID_WEIGHTS_CONFIGS
+
+    task_ids = TASK_CONFIGS["total"]["sub_modes"]["fast" if fast else "default"]["task_id"]
+    task_ids = list(task_ids) if isinstance(task_ids, list) else [task_ids]
+    if roi_subset:
+        task_ids.append(298)  # the 6 mm model it runs first to crop around the subset
+    weights_dir = get_weights_dir()
+    dirs = []
+    for task_id in task_ids:
+        info = TASK_ID_WEIGHTS_CONFIGS[task_id]
+        dirs.append(weights_dir / info.get("rel_path", "") / info["foldername"])
+    return dirs
+
+
+def check_totalseg_weights(*, fast: bool, roi_subset: bool) -> None:
+    """Raise ``WeightsMissingError`` (one line, with the install recipe) unless all weights are present."""
+    missing = [d for d in required_weight_dirs(fast=fast, roi_subset=roi_subset) if not d.is_dir()]
+    if missing:
+        raise WeightsMissingError(
+            f"TotalSegmentator weights not installed ({', '.join(d.name for d in missing)}): "
+            + INSTALL_HINT.format(path=missing[0].parent))
+
+
+def disable_usage_stats() -> Path:
+    """Set ``send_usage_stats: false`` (and the disclaimer as shown) in TotalSegmentator's config.json."""
+    from totalsegmentator.config import get_totalseg_dir, set_config_key, setup_totalseg
+
+    setup_totalseg()  # creates config.json if missing (with send_usage_stats true), nothing is sent
+    set_config_key("send_usage_stats", False)
+    set_config_key("statistics_disclaimer_shown", True)
+    return get_totalseg_dir() / "config.json"
+
+
+def roi_classes(cfg: PipelineConfig) -> list[str]:
+    """The TotalSegmentator classes the anatomy map merges, in map order."""
+    return list(dict.fromkeys(c for classes in cfg.anatomy_classes for c in classes))
+
+
+def _image_info(path: Path) -> sitk.ImageFileReader:
+    if not path.is_file():
+        raise CaseError(f"missing image: {path}")
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError:
+        raise CaseError(f"corrupt or truncated NIfTI {path.name}") from None
+    return reader
+
+
+def check_same_geometry(image: sitk.ImageFileReader | sitk.Image, mask: sitk.ImageFileReader | sitk.Image,
+                        tolerance: float = GEOMETRY_TOLERANCE) -> None:
+    """``CaseError('mask/image geometry mismatch: ...')`` unless size, spacing, origin, direction agree."""
+    if tuple(image.GetSize()) != tuple(mask.GetSize()):
+        raise CaseError(f"mask/image geometry mismatch: size {mask.GetSize()} vs image {image.GetSize()}")
+    for what in ("Spacing", "Origin", "Direction"):
+        a, b = getattr(image, f"Get{what}")(), getattr(mask, f"Get{what}")()
+        if not np.allclose(a, b, rtol=0, atol=tolerance):
+            raise CaseError(f"mask/image geometry mismatch: {what.lower()} {[round(float(v), 4) for v in b]} "
+                            f"vs image {[round(float(v), 4) for v in a]}")
+
+
+def check_labels(labels: np.ndarray, valid_ids: set[int]) -> np.ndarray:
+    """The labels as uint8; ``CaseError`` for ids outside the ``total`` class map."""
+    if not np.issubdtype(labels.dtype, np.integer):
+        raise CaseError(f"labels must be integers, got {labels.dtype}")
+    if labels.dtype != np.uint8:
+        lo, hi = int(labels.min()), int(labels.max())
+        if lo < 0 or hi > 255:
+            raise CaseError(f"labels outside the TotalSegmentator total class map: range {lo}..{hi}")
+        labels = labels.astype(np.uint8)
+    present = np.zeros(256, dtype=bool)
+    present[labels.reshape(-1)] = True
+    unknown = sorted(set(np.flatnonzero(present).tolist()) - valid_ids - {0})
+    if unknown:
+        raise CaseError(f"labels outside the TotalSegmentator total class map: {unknown}")
+    return labels
+
+
+def copy_mask_case(mask_src: Path, image: Path, dst: Path, valid_ids: set[int]) -> dict:
+    """Validate an existing label map against the fixed image and write it as ``dst`` (uint8)."""
+    info = _image_info(image)
+    mask = read_sitk(mask_src, "mask")
+    check_same_geometry(info, mask)
+    labels = check_labels(sitk.GetArrayViewFromImage(mask), valid_ids)
+    write_volume(dst, labels, *read_geometry(image), compresslevel=1)
+    return {"shape_dhw": labels.shape}
+
+
+def segment_case(image: Path, dst: Path, *, roi_subset: list[str] | None, fast: bool, device: str) -> dict:
+    """Run TotalSegmentator ``total`` on one fixed volume and write its labels as ``dst`` (uint8)."""
+    from totalsegmentator.python_api import totalsegmentator
+
+    info = _image_info(image)
+    seg = totalsegmentator(nib.load(str(image)), None, ml=True, task="total", fast=fast, roi_subset=roi_subset,
+                           device=device, quiet=True, nr_thr_saving=1)
+    labels = np.asarray(seg.dataobj).T  # (x, y, z) -> (D, H, W)
+    if labels.shape[::-1] != tuple(info.GetSize()):
+        raise CaseError(f"TotalSegmentator output shape {labels.shape} does not match the image")
+    labels = check_labels(np.rint(labels).astype(np.int32) if labels.dtype.kind == "f" else labels,
+                          total_class_ids())
+    write_volume(dst, labels, *read_geometry(image), compresslevel=1)
+    return {"shape_dhw": labels.shape}
+
+
+def run(data_root: str | Path, split: str, *, overwrite: bool = False, workers: int = 1,
+        shard: tuple[int, int] = (0, 1), pbar: bool = True, config: str | Path | None = None,
+        masks_from: str | Path | None = None, fast: bool = False, device: str = "gpu",
+        roi_subset: bool = True) -> RunSummary:
+    """Labels for every fixed volume of this shard; TotalSegmentator unless ``masks_from``."""
+    root = Path(data_root)
+    if masks_from is not None:
+        source = Path(masks_from) / split
+        if not source.is_dir():
+            raise PipelineError(f"--masks-from: folder not found: {source}")
+        valid_ids = total_class_ids()
+    else:
+        classes = roi_classes(load_pipeline_config(config)) if roi_subset else None
+        check_totalseg_weights(fast=fast, roi_subset=roi_subset)
+        disable_usage_stats()
+    tasks = []
+    for name in list_inputs(root / f"{split}_fixed"):
+        rel = volume_relpath(name)
+        image, dst = root / f"{split}_fixed" / rel, root / f"{split}_mask" / rel
+        if masks_from is not None:
+            fn = partial(copy_mask_case, source / rel, image, dst, valid_ids)
+        else:
+            fn = partial(segment_case, image, dst, roi_subset=classes, fast=fast, device=device)
+        tasks.append(Task(name, (dst,), fn))
+    return run_tasks("mask", split, root, tasks, overwrite=overwrite, workers=workers, shard=shard, pbar=pbar)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = step_parser(__doc__.splitlines()[0])
+    parser.add_argument("--masks-from", type=Path, default=None,
+                        help="take existing label maps from DIR/{split}/... instead of running TotalSegmentator")
+    parser.add_argument("--device", default="gpu", help="TotalSegmentator device: gpu, gpu:N, cpu, mps")
+    parser.add_argument("--fast", action="store_true", help="TotalSegmentator 3 mm model")
+    parser.add_argument("--no-roi-subset", dest="roi_subset", action="store_false",
+                        help="segment all 117 classes instead of only those the anatomy map needs")
+    args = parser.parse_args(argv)
+    return run_cli(lambda: run(args.data_root, args.split, overwrite=args.overwrite, workers=args.workers,
+                               shard=args.shard, pbar=not args.no_pbar, config=args.config,
+                               masks_from=args.masks_from, fast=args.fast, device=args.device,
+                               roi_subset=args.roi_subset))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

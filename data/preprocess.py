@@ -1,0 +1,144 @@
+"""Step 4, preprocess (spec §2.4): resized image + anatomy mask -> the training cache.
+
+Crop to the bounding box of all non-zero anatomy voxels, extended by
+``crop_margin_dhw`` voxels (clamped to the volume), then pad symmetrically (the
+extra voxel after) to at least ``min_size_dhw`` with ``pad_hu`` = the low end of
+``hu_window`` (scales to 0) and mask 0. Every anatomy id present before is
+checked to be present after; a mask without any anatomy is a failed case.
+
+Cache format: ``processed_{split}_images/{patient}/{scan}/{stem}.nii`` uncompressed
+int16 HU (not scaled: ``data.cache.scale_hu`` clips and scales at read time) and
+``processed_{split}_masks/.../{stem}.nii`` uint8 anatomy ids; the origin is moved
+by the crop/pad offset, so the cache still overlays the fixed image in a viewer.
+``data.cache.open_volume`` memory-maps them: a random crop reads only its voxels.
+"""
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Sequence
+
+if __package__ in (None, ""):  # run as `python preprocess.py` from inside data/
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np
+
+from data.cache import VolumeReadError, open_volume, read_geometry, write_volume
+from data.common import (CaseError, PipelineConfig, RunSummary, Task, list_inputs, load_pipeline_config,
+                         run_cli, run_tasks, step_parser, volume_relpath)
+
+
+@dataclass(frozen=True)
+class CropPad:
+    """Crop ``[start, stop)`` then pad ``before``/``after`` voxels, per axis (D, H, W)."""
+
+    start: tuple[int, int, int]
+    stop: tuple[int, int, int]
+    before: tuple[int, int, int]
+    after: tuple[int, int, int]
+
+    @property
+    def offset_dhw(self) -> tuple[int, int, int]:
+        """Input index of output voxel (0, 0, 0)."""
+        return tuple(s - b for s, b in zip(self.start, self.before))
+
+
+def present_labels(mask: np.ndarray) -> np.ndarray:
+    """Sorted non-zero ids present in a uint8 mask (one pass, no sort)."""
+    seen = np.zeros(256, dtype=bool)
+    seen[np.asarray(mask, dtype=np.uint8).reshape(-1)] = True
+    return np.flatnonzero(seen[1:]) + 1
+
+
+def crop_pad_window(mask_dhw: np.ndarray, cfg: PipelineConfig) -> CropPad:
+    """Window of spec §2.4 for this mask; ``CaseError('no anatomy found')`` when it is empty."""
+    nonzero = mask_dhw != 0
+    along_d = np.flatnonzero(nonzero.any(axis=(1, 2)))
+    if along_d.size == 0:
+        raise CaseError("no anatomy found")
+    plane = nonzero[along_d[0]: along_d[-1] + 1].any(axis=0)
+    along_h, along_w = np.flatnonzero(plane.any(axis=1)), np.flatnonzero(plane.any(axis=0))
+    start, stop, before, after = [], [], [], []
+    for first, last, margin, size, minimum in zip(
+            (along_d[0], along_h[0], along_w[0]), (along_d[-1], along_h[-1], along_w[-1]),
+            cfg.crop_margin_dhw, mask_dhw.shape, cfg.min_size_dhw):
+        lo, hi = max(int(first) - margin, 0), min(int(last) + 1 + margin, size)
+        need = max(minimum - (hi - lo), 0)
+        start.append(lo), stop.append(hi), before.append(need // 2), after.append(need - need // 2)
+    return CropPad(tuple(start), tuple(stop), tuple(before), tuple(after))
+
+
+def apply_crop_pad(array: np.ndarray, window: CropPad, pad_value: int) -> np.ndarray:
+    cropped = array[tuple(slice(a, b) for a, b in zip(window.start, window.stop))]
+    return np.pad(cropped, list(zip(window.before, window.after)), constant_values=pad_value)
+
+
+def crop_pad_case(image_dhw: np.ndarray, mask_dhw: np.ndarray, cfg: PipelineConfig
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """Crop to the anatomy bounding box + margin, pad to ``min_size_dhw``; returns (int16 HU, uint8 ids)."""
+    return _crop_pad(image_dhw, mask_dhw, cfg)[:2]
+
+
+def _crop_pad(image_dhw: np.ndarray, mask_dhw: np.ndarray, cfg: PipelineConfig
+              ) -> tuple[np.ndarray, np.ndarray, CropPad]:
+    if image_dhw.shape != mask_dhw.shape:
+        raise CaseError(f"mask/image geometry mismatch: shape {mask_dhw.shape} vs image {image_dhw.shape}")
+    before = present_labels(mask_dhw)
+    if before.size and before[-1] > cfg.n_anatomies:
+        raise CaseError(f"mask holds ids {before.tolist()}, the anatomy map has {cfg.n_anatomies}")
+    window = crop_pad_window(mask_dhw, cfg)
+    image = apply_crop_pad(np.asarray(image_dhw, dtype=np.int16), window, cfg.pad_hu)
+    mask = apply_crop_pad(np.asarray(mask_dhw, dtype=np.uint8), window, 0)
+    after = present_labels(mask)
+    if not np.array_equal(before, after):
+        raise CaseError(f"crop lost anatomies: {sorted(set(before.tolist()) - set(after.tolist()))}")
+    return image, mask, window
+
+
+def preprocess_case(image_src: Path, mask_src: Path, image_dst: Path, mask_dst: Path,
+                    cfg: PipelineConfig) -> dict:
+    """Crop/pad one resized case and write the cache pair (mask last)."""
+    if not mask_src.is_file():
+        raise CaseError(f"missing mask: {mask_src}")
+    try:
+        image_in, mask_in = open_volume(image_src), open_volume(mask_src)
+        spacing, origin, direction = read_geometry(image_src)
+        mask_geometry = read_geometry(mask_src)
+    except VolumeReadError as exc:
+        raise CaseError(str(exc)) from None
+    if not np.allclose(np.concatenate(mask_geometry), np.concatenate((spacing, origin, direction)), atol=1e-3):
+        raise CaseError("mask/image geometry mismatch: spacing/origin/direction differ")
+    image, mask, window = _crop_pad(image_in, mask_in, cfg)
+    shift_xyz = np.asarray(window.offset_dhw[::-1], dtype=np.float64) * spacing
+    new_origin = np.asarray(origin) + np.asarray(direction).reshape(3, 3) @ shift_xyz
+    write_volume(image_dst, image, spacing, new_origin, direction)
+    write_volume(mask_dst, mask, spacing, new_origin, direction)
+    return {"shape_dhw": image.shape, "offset_dhw": window.offset_dhw}
+
+
+def run(data_root: str | Path, split: str, *, overwrite: bool = False, workers: int = 1,
+        shard: tuple[int, int] = (0, 1), pbar: bool = True, config: str | Path | None = None) -> RunSummary:
+    """Build the cache for every resized volume of this shard."""
+    root = Path(data_root)
+    cfg = load_pipeline_config(config)
+    tasks = []
+    for name in list_inputs(root / f"resized_{split}_images", ".nii"):
+        rel = volume_relpath(name)
+        image_dst, mask_dst = root / f"processed_{split}_images" / rel, root / f"processed_{split}_masks" / rel
+        fn = partial(preprocess_case, root / f"resized_{split}_images" / rel, root / f"resized_{split}_masks" / rel,
+                     image_dst, mask_dst, cfg)
+        tasks.append(Task(name, (image_dst, mask_dst), fn))
+    return run_tasks("preprocess", split, root, tasks, overwrite=overwrite, workers=workers, shard=shard,
+                     pbar=pbar)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = step_parser(__doc__.splitlines()[0]).parse_args(argv)
+    return run_cli(lambda: run(args.data_root, args.split, overwrite=args.overwrite, workers=args.workers,
+                               shard=args.shard, pbar=not args.no_pbar, config=args.config))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,192 @@
+"""Seconds per training step and peak memory of fVLM pre-training.
+
+Same code path as train.py (train.build_model, engine.TrainStep, AnatomyContrastiveLoss,
+AdamW step); the batch is synthetic (random image, four interior anatomies, report-like
+texts of CT-RATE lengths) so no data is needed. Prints one JSON line per setting.
+
+    python bench/bench_train.py                      # CPU: demo preset, then ViT-B at batch 1 and 2
+    python bench/bench_train.py --only demo --steps 5
+    python bench/bench_train.py --only paper --batch-sizes 1   # ViT-B, ~30+ s per step on 2 cores
+    python bench/bench_train.py --only gpu           # GPU: ViT-B batch 14 fp32 + bf16, largest batch
+
+The paper-size text encoder is a randomly initialised BERT the size of CXR-BERT
+(hidden 768, 12 layers, vocab 30522) with a word-level vocabulary, so every word is one
+token (CXR-BERT's WordPiece gives a few more). CPU peak memory is the process's maxrss
+(each CPU setting runs in a fresh subprocess); GPU peak is torch.cuda.max_memory_allocated.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+from engine import TrainStep  # noqa: E402
+from models.loss import AnatomyContrastiveLoss  # noqa: E402
+from train import build_model  # noqa: E402
+from utils.config import load_config  # noqa: E402
+
+ANATOMIES = ["lung", "heart", "esophagus", "aorta"]
+# words per anatomy text, cycling over samples (CT-RATE sample: lung mean 70, p90 124, max 290)
+WORDS = {"lung": [62, 124, 45, 80, 290, 70, 95], "heart": [19, 26, 17, 34], "esophagus": [20, 21, 17, 36],
+         "aorta": [6, 36, 15, 91]}
+SENTENCE = ("there are nodular densities and ground glass opacities in both lungs with minimal "
+            "atelectasis and emphysematous changes calcific plaques in the aortic arch heart contour normal").split()
+
+
+def _texts(batch: int) -> list[list[str]]:
+    out = []
+    for i in range(batch):
+        row = []
+        for a in ANATOMIES:
+            n = WORDS[a][i % len(WORDS[a])]
+            words = [SENTENCE[(i + j) % len(SENTENCE)] for j in range(n)]
+            row.append(f"{a} {' '.join(words)} {i}.")  # distinct per sample: no text deduplication
+        out.append(row)
+    return out
+
+
+def _word_bert_dir(tmp: Path) -> Path:
+    """CXR-BERT-size BERT config + a word-level vocab covering the bench texts."""
+    from transformers import BertConfig
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ".", *ANATOMIES, *sorted(set(SENTENCE)),
+             *[str(i) for i in range(64)]]
+    (tmp / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    BertConfig(vocab_size=30522, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+               intermediate_size=3072, max_position_embeddings=512).to_json_file(tmp / "config.json")
+    return tmp
+
+
+def _batch(batch: int, crop: tuple[int, int, int], device: torch.device) -> dict:
+    g = torch.Generator().manual_seed(0)
+    d, h, w = crop
+    mask = torch.zeros(batch, d, h, w, dtype=torch.uint8)
+    # four interior boxes (usable): lung large, the others small
+    mask[:, d // 8: 7 * d // 8, h // 8: 7 * h // 16, w // 8: 7 * w // 8] = 1
+    mask[:, d // 3: 2 * d // 3, 9 * h // 16: 3 * h // 4, w // 3: w // 2] = 2
+    mask[:, d // 4: 3 * d // 4, 13 * h // 16: 7 * h // 8, w // 2: 9 * w // 16] = 3
+    mask[:, d // 4: 3 * d // 4, 13 * h // 16: 7 * h // 8, 5 * w // 8: 3 * w // 4] = 4
+    return {"image": torch.rand(batch, 1, d, h, w, generator=g).to(device), "mask": mask.to(device),
+            "texts": _texts(batch), "abnormal": torch.rand(batch, 4, generator=g) < 0.5,
+            "usable": torch.ones(batch, 4, dtype=torch.bool)}
+
+
+def bench(preset: str, batch: int, *, amp: str, steps: int, device: torch.device, paper_bert: bool,
+          grad_checkpointing: bool = False) -> dict:
+    cfg = load_config(REPO_ROOT / "configs" / preset)
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg["paths"]["text_encoder"] = str(_word_bert_dir(Path(tmp)) if paper_bert
+                                           else REPO_ROOT / cfg["paths"]["text_encoder"])
+        cfg["paths"]["mae_weights"] = None
+        cfg["model"]["text_pretrained"] = False
+        cfg["model"]["grad_checkpointing"] = grad_checkpointing
+        torch.manual_seed(0)
+        model, tokenizer = build_model(cfg, len(ANATOMIES))
+    model.to(device)
+    step_module = TrainStep(model, AnatomyContrastiveLoss(anatomy_names=ANATOMIES), tokenizer, ANATOMIES, cfg["model"]["text_max_length"])
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    data = _batch(batch, tuple(cfg["data"]["crop_size"]), device)
+    ctx = torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp == "bf16")
+    step_module.train()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for i in range(steps + 1):  # the first step is warm-up
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        with ctx:
+            out = step_module(data["image"], data["mask"], data["texts"], data["abnormal"], data["usable"])
+        out["loss"].backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        if i:
+            times.append(time.perf_counter() - t0)
+    n_tokens = tokenizer(data["texts"][0], padding="longest", truncation=True,
+                         max_length=cfg["model"]["text_max_length"])["input_ids"]
+    res = {"preset": preset, "batch": batch, "amp": amp, "grad_checkpointing": grad_checkpointing,
+           "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
+           "sec_per_step": round(sum(times) / len(times), 4), "samples_per_s": round(batch * len(times) / sum(times), 3),
+           "steps_timed": len(times), "text_tokens_lung": len(n_tokens[0]), "loss": round(float(out["loss"]), 4)}
+    if device.type == "cuda":
+        res["peak_mem_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
+    else:
+        res["peak_rss_gib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)
+    return res
+
+
+def _subprocess(preset: str, batch: int, steps: int, paper_bert: bool) -> None:
+    cmd = [sys.executable, __file__, "--_one", preset, str(batch), str(steps), str(int(paper_bert))]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode:
+        print(json.dumps({"preset": preset, "batch": batch, "error": r.stderr.strip().splitlines()[-1:]}))
+    else:
+        print(r.stdout.strip().splitlines()[-1], flush=True)
+
+
+def _largest_batch(device: torch.device, amp: str, start: int) -> int:
+    def fits(b: int) -> bool:
+        try:
+            bench("ctrate.yaml", b, amp=amp, steps=1, device=device, paper_bert=True)
+            return True
+        except torch.OutOfMemoryError:
+            return False
+        finally:
+            torch.cuda.empty_cache()
+    lo, hi = 0, start
+    while fits(hi):
+        lo, hi = hi, hi * 2
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return lo
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--only", choices=["demo", "paper", "gpu"], action="append")
+    p.add_argument("--steps", type=int, default=3, help="timed steps per setting (after one warm-up step)")
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 2], help="paper-size CPU batches")
+    p.add_argument("--_one", nargs=4, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    cpu = torch.device("cpu")
+    if args._one:
+        preset, batch, steps, paper_bert = args._one
+        print(json.dumps(bench(preset, int(batch), amp="none", steps=int(steps), device=cpu,
+                               paper_bert=bool(int(paper_bert)))), flush=True)
+        return 0
+    only = args.only or (["gpu"] if torch.cuda.is_available() else ["demo", "paper"])
+    if "demo" in only:
+        _subprocess("demo.yaml", load_config(REPO_ROOT / "configs" / "demo.yaml")["optim"]["batch_size"],
+                    args.steps, False)
+    if "paper" in only:
+        for b in args.batch_sizes:
+            _subprocess("ctrate.yaml", b, min(args.steps, 2), True)
+    if "gpu" in only:
+        gpu = torch.device("cuda")
+        for amp in ("none", "bf16"):
+            print(json.dumps(bench("ctrate.yaml", 14, amp=amp, steps=args.steps, device=gpu, paper_bert=True)),
+                  flush=True)
+            torch.cuda.empty_cache()
+        for amp in ("none", "bf16"):
+            b = _largest_batch(gpu, amp, 16)
+            print(json.dumps({"preset": "ctrate.yaml", "amp": amp, "largest_batch": b,
+                              "device": torch.cuda.get_device_name(gpu)}), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,133 @@
+"""Training step and epoch loop of fVLM pre-training (spec §3-6), called by train.py."""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from utils.distributed import all_reduce_mean, is_main_process
+from utils.lr_sched import apply_lr, lr_at
+
+logger = logging.getLogger(__name__)
+
+
+class TrainStep(nn.Module):
+    """Model + loss as one module, so DDP sees the whole training forward in one call.
+
+    forward(image (B,1,D,H,W), mask (B,D,H,W), texts [B][A], abnormal (B,A), usable (B,A))
+    -> the loss dict (``loss`` + per-anatomy ``loss_{name}``) and ``n_pairs``. Only the usable
+    (sample, anatomy) pairs enter pooling, text encoding and the loss (``FVLM.forward_train``).
+    """
+
+    def __init__(self, model: nn.Module, loss_fn: nn.Module, tokenizer: Any,
+                 anatomy_names: Sequence[str], text_max_length: int) -> None:
+        super().__init__()
+        self.model = model
+        self.loss_fn = loss_fn
+        self.tokenizer = tokenizer
+        self.anatomy_names = list(anatomy_names)
+        self.text_max_length = int(text_max_length)
+
+    def forward(self, image: torch.Tensor, mask: torch.Tensor, texts: list[list[str]],
+                abnormal: torch.Tensor, usable: torch.Tensor) -> dict[str, torch.Tensor]:
+        f = self.model.forward_train(image, mask, texts, usable, abnormal, tokenizer=self.tokenizer,
+                                     max_length=self.text_max_length, anatomy_names=self.anatomy_names)
+        out = self.loss_fn(f["image_feats"].float(), f["text_feats"].float(), f["anatomy_idx"], f["abnormal"],
+                           f["text_hash"], self.model.temp, len(self.anatomy_names))
+        out["n_pairs"] = torch.tensor(float(f["anatomy_idx"].numel()))
+        return out
+
+
+def train_one_epoch(
+    step_module: nn.Module,
+    model: nn.Module,
+    loader: Any,
+    optimizer: torch.optim.Optimizer,
+    *,
+    epoch: int,
+    cfg: dict[str, Any],
+    device: torch.device,
+    log_path: Path | None = None,
+    last_checkpoint: str | None = None,
+) -> dict[str, float]:
+    """One epoch; returns the epoch means of the logged values.
+
+    ``step_module`` is the (possibly DDP-wrapped) ``TrainStep``; ``model`` the unwrapped FVLM
+    (temperature clamp). The LR is set per optimiser step from ``utils.lr_sched.lr_at``.
+    Raises ``FloatingPointError`` on a non-finite loss, before any update from that step.
+    """
+    optim_cfg, model_cfg = cfg["optim"], cfg["model"]
+    accum = int(optim_cfg["accum_steps"])
+    steps_per_epoch = len(loader) // accum
+    amp = torch.autocast(device_type=device.type, dtype=torch.bfloat16) if optim_cfg["amp"] == "bf16" \
+        else contextlib.nullcontext()
+    is_ddp = isinstance(step_module, nn.parallel.DistributedDataParallel)
+    step_module.train()
+    sums: dict[str, float] = {}
+    counts: dict[str, int] = {}
+    log_file = open(log_path, "a") if (log_path is not None and is_main_process()) else None
+    bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch}", disable=not is_main_process(), dynamic_ncols=True)
+    t0 = time.perf_counter()
+    step_stats: dict[str, float] = {}
+    try:
+        for it, batch in enumerate(loader):
+            step = it // accum
+            if step >= steps_per_epoch:
+                break
+            if it % accum == 0:
+                lr = lr_at(epoch, step, steps_per_epoch, optim_cfg)
+                apply_lr(optimizer, lr)
+                model.clamp_temp(model_cfg["temp_min"], model_cfg["temp_max"])
+                step_stats = {}
+            sync = (it + 1) % accum == 0
+            ctx = step_module.no_sync() if (is_ddp and not sync) else contextlib.nullcontext()
+            with ctx:
+                with amp:
+                    out = step_module(batch["image"].to(device, non_blocking=True),
+                                      batch["mask"].to(device, non_blocking=True),
+                                      batch["texts"], batch["abnormal"], batch["usable"])
+                loss = out["loss"]
+                loss_value = loss.item()
+                if not math.isfinite(loss_value):
+                    raise FloatingPointError(
+                        f"loss is {loss_value} at epoch {epoch}, step {step} (scans {batch['scan_id']}); "
+                        f"stopping without updating the weights. Last good checkpoint: {last_checkpoint or 'none'}")
+                (loss / accum).backward()
+            for k, v in out.items():
+                if k.startswith("loss") or k == "n_pairs":
+                    step_stats[k] = step_stats.get(k, 0.0) + float(v.detach()) / accum
+            if not sync:
+                continue
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            t1 = time.perf_counter()
+            n_samples = len(batch["scan_id"]) * accum * int(cfg.get("_world_size", 1))
+            step_stats.update(lr=lr, temp=model.temp.item(), samples_per_s=n_samples / (t1 - t0))
+            t0 = t1
+            for k, v in step_stats.items():
+                sums[k] = sums.get(k, 0.0) + v
+                counts[k] = counts.get(k, 0) + 1
+            if log_file is not None:
+                log_file.write(json.dumps({"epoch": epoch, "step": step, **step_stats}) + "\n")
+                log_file.flush()
+            bar.set_postfix(loss=f"{step_stats['loss']:.4f}", lr=f"{lr:.2e}", temp=f"{step_stats['temp']:.4f}")
+            bar.update(1)
+    finally:
+        bar.close()
+        if log_file is not None:
+            log_file.close()
+    # per-anatomy losses exist only on steps where the anatomy was not skipped, and ranks may
+    # skip differently: average those locally; all-reduce only the keys every rank has
+    stats = {k: v / counts[k] for k, v in sums.items()}
+    for k in ("loss", "n_pairs", "samples_per_s"):
+        stats[k] = all_reduce_mean(stats.get(k, 0.0))
+    return stats
+

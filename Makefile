@@ -34,7 +34,7 @@ demo: $(STAMP)
 	OMP_NUM_THREADS=1 $(VENV)/bin/torchrun --standalone --nproc_per_node=$(NPROC) train.py \
 	  --config configs/demo.yaml --data-root $(DEMO_DATA) --output-dir $(DEMO_OUT) --resume
 	OMP_NUM_THREADS=1 $(VENV)/bin/torchrun --standalone --nproc_per_node=$(NPROC) eval.py \
-	  --config configs/demo.yaml --data-root $(DEMO_DATA) --output $(DEMO_OUT)/zeroshot_valid.csv
+	  --config configs/demo.yaml --data-root $(DEMO_DATA) --output-dir $(DEMO_OUT) --output $(DEMO_OUT)/zeroshot_valid.csv
 	$(PY) calc_metrics.py --csv_file $(DEMO_OUT)/zeroshot_valid.csv --data-root $(DEMO_DATA)
 
 test: $(STAMP)

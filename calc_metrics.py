@@ -1,0 +1,100 @@
+"""Metrics of a zero-shot prediction CSV (spec §8, CT-CLIP protocol).
+
+    python calc_metrics.py --csv_file res/checkpoint_19.csv [--labels PATH | --data-root data]
+                           [--bootstrap 1000] [--seed 0]
+
+Reads a CSV written by eval.py or by the fVLM release (``file_name`` + one
+column per item ``{anatomy}_{abnormality}_{negative}_{positive}``), prints the
+per-abnormality table (AUC, ACC, specificity, sensitivity, weighted F1,
+precision, and their mean) and writes next to the input ``<stem>_metrics.csv``,
+``<stem>_metrics.md`` and ``<stem>_roc.png``. The rules are in utils/metrics.py.
+
+Exit status: 0 on success, 2 on unusable input (one-line message on stderr).
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import warnings
+from pathlib import Path
+
+from utils.metrics import (
+    MetricsInputError,
+    SingleClassWarning,
+    add_ci,
+    align,
+    bootstrap_ci,
+    compute_metrics,
+    format_report,
+    plot_roc,
+    read_labels,
+    read_predictions,
+)
+
+logger = logging.getLogger("calc_metrics")
+
+LABELS_RELPATH = Path("multi_abnormality_labels") / "valid_predicted_labels.csv"
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser("calc_metrics", add_help=False, description=__doc__.split("\n\n")[0])
+    p.add_argument("--csv_file", "--csv-file", dest="csv_file", required=True, type=Path,
+                   help="prediction CSV (file_name + item columns)")
+    p.add_argument("--labels", type=Path, default=None,
+                   help=f"labels CSV (default: <data-root>/{LABELS_RELPATH.as_posix()})")
+    p.add_argument("--data-root", type=Path, default=Path("data"), help="CT-RATE root (default: data)")
+    p.add_argument("--bootstrap", type=int, default=0, metavar="N",
+                   help="95%% CIs from N resamples of the volumes (default 0: none)")
+    p.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
+    return p
+
+
+def output_paths(csv_file: Path) -> dict[str, Path]:
+    stem = csv_file.with_suffix("")
+    return {
+        "csv": stem.with_name(stem.name + "_metrics.csv"),
+        "md": stem.with_name(stem.name + "_metrics.md"),
+        "png": stem.with_name(stem.name + "_roc.png"),
+    }
+
+
+def run(csv_file: Path, labels_path: Path, *, bootstrap: int = 0, seed: int = 0):
+    """Compute, print and save the report; returns it as a DataFrame."""
+    table = align(read_predictions(csv_file), read_labels(labels_path))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", SingleClassWarning)
+        report = compute_metrics(table)
+    for w in caught:
+        logger.warning("%s", w.message)
+    if bootstrap:
+        low, high = bootstrap_ci(table, bootstrap, seed=seed)
+        report = add_ci(report, low, high)
+    paths = output_paths(csv_file)
+    report.to_csv(paths["csv"], index=False)
+    title = f"Zero-shot metrics of `{csv_file.name}` ({len(table.file_names)} volumes, labels `{labels_path}`"
+    title += f", 95% bootstrap CIs from {bootstrap} resamples, seed {seed})" if bootstrap else ")"
+    paths["md"].write_text(title + "\n\n" + format_report(report, markdown=True))
+    plot_roc(table, report, paths["png"])
+    print(format_report(report), end="")
+    logger.info("wrote %s, %s, %s", paths["csv"], paths["md"], paths["png"])
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(parents=[get_args_parser()], description=__doc__.split("\n\n")[0])
+    args = parser.parse_args(argv)
+    if args.bootstrap < 0:
+        parser.error("--bootstrap must be >= 0")
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    labels = args.labels if args.labels is not None else args.data_root / LABELS_RELPATH
+    try:
+        run(args.csv_file, labels, bootstrap=args.bootstrap, seed=args.seed)
+    except MetricsInputError as e:
+        print(f"calc_metrics: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

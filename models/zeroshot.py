@@ -1,0 +1,185 @@
+"""Zero-shot scoring of one volume (spec §7), shared by eval.py and predict.py.
+
+Array layout: a processed volume is ``(D, H, W) = (z, y, x)``; ``image`` is HU-windowed and
+scaled to [0, 1] (0 = -1150 HU or below) -- or raw HU with a ``transform`` that scales each
+window -- and ``mask`` holds merged anatomy ids (0 = background, anatomy ``k`` of the anatomy
+list = id ``k + 1``).
+
+Window protocol, per test anatomy present in the mask (one encoder pass each):
+
+1. bounding box of the anatomy, ``lo = min`` and ``hi = max`` of the voxel indices where
+   the mask equals its id (``hi`` inclusive, as ``np.nonzero`` gives it);
+2. per axis: ``size = max(roi, hi - lo)``; ``centre = (lo + hi) // 2``;
+   ``start = max(0, centre - size // 2)``; ``end = min(dim, start + size)``; when the
+   window came out short, ``start = max(0, end - size)``. (``hi - lo`` is the release's
+   formula: one less than the anatomy's extent; a roi larger than the volume gives the
+   whole axis);
+3. crop the image and the BINARY mask of that anatomy only (other anatomies in the window
+   are background), pad both at the end to a multiple of the patch size (image with 0,
+   mask with 0);
+4. encode the window (position embeddings resampled to its grid), pool the anatomy's
+   tokens from the four levels with its query, project, L2-normalise;
+5. per item of that anatomy: ``prob = softmax([v.t_neg, v.t_pos] / temp)[1]``.
+
+Text features per prompt: tokenised to the model's max length (padded to it, as the
+release does), [CLS] of the last layer -> text_proj -> L2-normalise.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ZeroShotItem:
+    """One test item: abnormality scored on ``anatomy`` with a negative/positive prompt pair."""
+
+    anatomy: str
+    abnormality: str
+    negative: str
+    positive: str
+
+    @property
+    def column(self) -> str:
+        """Column name of the release's CSV: ``{anatomy}_{abnormality}_{negative}_{positive}``."""
+        return f"{self.anatomy}_{self.abnormality}_{self.negative}_{self.positive}"
+
+
+def anatomy_window(
+    bbox_min: Sequence[int], bbox_max: Sequence[int], dims: Sequence[int], roi: Sequence[int]
+) -> tuple[slice, slice, slice]:
+    """Window ``(z, y, x)`` slices around a bounding box (inclusive max), per the module docstring."""
+    window = []
+    for lo, hi, dim, r in zip(bbox_min, bbox_max, dims, roi, strict=True):
+        lo, hi, dim, r = int(lo), int(hi), int(dim), int(r)
+        size = max(r, hi - lo)
+        centre = (lo + hi) // 2
+        start = max(0, centre - size // 2)
+        end = min(dim, start + size)
+        if end - start < size:
+            start = max(0, end - size)
+        window.append(slice(start, end))
+    return window[0], window[1], window[2]
+
+
+def pad_to_multiple(array: np.ndarray, multiple: Sequence[int], value: float = 0) -> np.ndarray:
+    """Pad ``(D, H, W)`` at the end of each axis up to a multiple of ``multiple``."""
+    pad = [(0, -s % m) for s, m in zip(array.shape, multiple, strict=True)]
+    if not any(p for _, p in pad):
+        return array
+    return np.pad(array, pad, mode="constant", constant_values=value)
+
+
+def crop_anatomy_window(
+    image: np.ndarray,
+    mask: np.ndarray,
+    anatomy_id: int,
+    roi: Sequence[int],
+    patch: Sequence[int],
+    *,
+    transform: Callable[[np.ndarray], np.ndarray] | None = None,
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """Window of ``anatomy_id``: (image crop, binary uint8 mask crop), both padded to the patch grid.
+
+    ``transform`` (e.g. HU windowing) is applied to the image crop before padding with 0.
+    Returns None when the anatomy is absent from ``mask``.
+    """
+    if image.shape != mask.shape:
+        raise ValueError(f"image {image.shape} and mask {mask.shape} differ in shape")
+    target = mask == anatomy_id
+    coords = np.nonzero(target)
+    if coords[0].size == 0:
+        return None
+    lo = [int(c.min()) for c in coords]
+    hi = [int(c.max()) for c in coords]
+    window = anatomy_window(lo, hi, mask.shape, roi)
+    crop_image = image[window] if transform is None else transform(image[window])
+    crop_image = pad_to_multiple(np.asarray(crop_image, dtype=np.float32), patch, 0.0)
+    crop_mask = pad_to_multiple(target[window].astype(np.uint8), patch, 0)
+    return crop_image, crop_mask
+
+
+@torch.no_grad()
+def prompt_features(
+    model: nn.Module, tokenizer, items: Sequence[ZeroShotItem], max_length: int, device: torch.device
+) -> torch.Tensor:
+    """(K, 2, E) normalised text features, ``[:, 0]`` negative and ``[:, 1]`` positive prompt."""
+    texts = [t for item in items for t in (item.negative, item.positive)]
+    tokens = tokenizer(texts, padding="max_length", truncation=True, max_length=max_length, return_tensors="pt")
+    feats = model.encode_text(tokens["input_ids"].to(device), tokens["attention_mask"].to(device))  # [2K, E]
+    return feats.reshape(len(items), 2, -1)
+
+
+class ZeroShotScorer:
+    """Scores volumes for a fixed item list: ``scorer(image, mask) -> {column: prob}``.
+
+    Args:
+        model: FVLM in eval mode (``encode_anatomy_window``, ``encode_text``, ``temp``).
+        items: test items; every ``item.anatomy`` must be in ``anatomy_names``.
+        anatomy_names: the pipeline's anatomy list; id of ``anatomy_names[k]`` is ``k + 1``.
+        text_feats: (K, 2, E) from :func:`prompt_features`, aligned with ``items``.
+        roi: window size ``(D, H, W)`` in voxels.
+        device: where the model lives.
+        transform: applied to each image window before padding (e.g. HU -> [0, 1]); None when the
+            volumes passed in are already scaled.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        items: Sequence[ZeroShotItem],
+        anatomy_names: Sequence[str],
+        text_feats: torch.Tensor,
+        roi: Sequence[int],
+        device: torch.device,
+        *,
+        transform: Callable[[np.ndarray], np.ndarray] | None = None,
+    ) -> None:
+        unknown = sorted({i.anatomy for i in items} - set(anatomy_names))
+        if unknown:
+            raise ValueError(f"item anatomy {unknown} not in the pipeline's anatomies {list(anatomy_names)}")
+        if text_feats.shape[:2] != (len(items), 2):
+            raise ValueError(f"text_feats {tuple(text_feats.shape)} do not match {len(items)} items")
+        self.model = model
+        self.items = list(items)
+        self.anatomy_names = list(anatomy_names)
+        self.text_feats = text_feats.to(device)
+        self.roi = tuple(int(r) for r in roi)
+        self.device = device
+        self.patch = tuple(model.visual_encoder.patch_size)
+        self.transform = transform
+
+    @torch.no_grad()
+    def anatomy_feature(self, image: np.ndarray, mask: np.ndarray, anatomy: str) -> torch.Tensor | None:
+        """(E,) normalised image feature of ``anatomy`` from its own window; None when absent."""
+        idx = self.anatomy_names.index(anatomy)
+        crop = crop_anatomy_window(image, mask, idx + 1, self.roi, self.patch, transform=self.transform)
+        if crop is None:
+            return None
+        crop_image, crop_mask = crop
+        x = torch.from_numpy(crop_image)[None, None].to(self.device)  # [1, 1, D, H, W]
+        m = torch.from_numpy(crop_mask)[None].to(self.device)  # [1, D, H, W] binary
+        return self.model.encode_anatomy_window(x, m, idx)[0]  # [E]
+
+    @torch.no_grad()
+    def __call__(self, image: np.ndarray, mask: np.ndarray) -> dict[str, float]:
+        """Probabilities of the items whose anatomy is present (absent anatomies are left out)."""
+        temp = float(self.model.temp)
+        probs: dict[str, float] = {}
+        for anatomy in dict.fromkeys(i.anatomy for i in self.items):
+            feat = self.anatomy_feature(image, mask, anatomy)
+            if feat is None:
+                continue
+            rows = [k for k, item in enumerate(self.items) if item.anatomy == anatomy]
+            logits = torch.einsum("kpe,e->kp", self.text_feats[rows], feat.to(self.text_feats.dtype)) / temp
+            pos = F.softmax(logits.float(), dim=-1)[:, 1].cpu().tolist()
+            probs.update({self.items[k].column: p for k, p in zip(rows, pos)})
+        return probs

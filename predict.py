@@ -1,0 +1,160 @@
+"""Zero-shot abnormality probabilities for one CT scan (spec §2 preprocessing + §7 scoring).
+
+    python predict.py --image scan.nii.gz --checkpoint CKPT [--mask seg.nii.gz] [--config configs/ctrate.yaml]
+                      [--items configs/zeroshot_items.yaml] [--text-encoder DIR] [--json]
+
+Input: any 3D image SimpleITK reads (NIfTI, NRRD, MHA, ...) holding HU, with any spacing and
+orientation; its header geometry is trusted (unlike CT-RATE's raw files, whose geometry
+comes from the metadata CSV -- fix such a file with data/fix_data.py first).
+
+Steps, the same functions as the data pipeline and eval.py:
+1. reorient image (and mask) to LPS with ``SimpleITK.DICOMOrient(image, "LPS")``: the array
+   axes become ``(D, H, W) = (z, y, x)`` with +x = patient left, +y = posterior,
+   +z = superior, identity direction -- the layout ``data/fix_data.py`` gives CT-RATE's axial
+   scans (ImageOrientationPatient ``[1, 0, 0, 0, 1, 0]``). Axis flips/permutations only, no
+   interpolation; an oblique scan gets the closest axis order;
+2. labels: ``--mask`` (a TotalSegmentator ``total`` label map on the image's grid), or
+   TotalSegmentator ``total`` run through ``data.generate_mask.segment_case`` (weights must be
+   installed; nothing is downloaded);
+3. ``data.resize``: resample to the pipeline spacing (image trilinear, labels nearest) and
+   merge the classes into anatomy ids;
+4. ``data.preprocess.crop_pad_case``: crop to the anatomies + margin, pad to the minimum size;
+5. ``models.zeroshot.ZeroShotScorer`` (shared with eval.py): one window per anatomy, HU
+   window scaling, probabilities of the items of ``--items``.
+
+Prints a table (or ``--json``); an anatomy absent from the mask gives no probability.
+Exit status 0, or 2 with a one-line message when the input, weights or checkpoint are unusable.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+
+from data.cache import scale_hu
+from data.common import PipelineConfig, PipelineError, load_pipeline_config
+from data.fix_data import read_sitk
+from data.generate_mask import (check_labels, check_same_geometry, check_totalseg_weights, disable_usage_stats,
+                                roi_classes, segment_case, total_class_ids)
+from data.preprocess import crop_pad_case
+from data.resize import build_label_lut, merge_labels, resample_case
+from models.zeroshot import ZeroShotItem, ZeroShotScorer, prompt_features
+from utils.config import ConfigError, apply_overrides, load_config
+from utils.zeroshot import ZeroShotSetupError, load_eval_model, load_items, repo_path
+
+logger = logging.getLogger("predict")
+
+ORIENTATION = "LPS"
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser("fVLM zero-shot prediction for one CT", add_help=False)
+    p.add_argument("--image", type=Path, required=True, help="CT volume in HU (any spacing/orientation)")
+    p.add_argument("--checkpoint", type=Path, required=True, help="our checkpoint or the released fVLM weights")
+    p.add_argument("--mask", type=Path, help="TotalSegmentator `total` label map of --image (default: run it)")
+    p.add_argument("--config", default="configs/ctrate.yaml", help="training preset of the checkpoint")
+    p.add_argument("--items", default="configs/zeroshot_items.yaml", help="test items, prompts and roi")
+    p.add_argument("--text-encoder", dest="text_encoder", help="text encoder directory (default: the preset's)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="torch device for the model (default: cuda when available)")
+    p.add_argument("--fast", action="store_true", help="TotalSegmentator's 3 mm model")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="preset overrides")
+    return p
+
+
+def segment(image: sitk.Image, pipe: PipelineConfig, *, fast: bool, device: torch.device) -> sitk.Image:
+    """TotalSegmentator ``total`` labels of ``image`` via data.generate_mask (weights checked first)."""
+    check_totalseg_weights(fast=fast, roi_subset=True)
+    disable_usage_stats()
+    with tempfile.TemporaryDirectory(prefix="fvlm_predict_") as tmp:
+        src, dst = Path(tmp) / "image.nii.gz", Path(tmp) / "labels.nii.gz"
+        sitk.WriteImage(image, str(src))
+        segment_case(src, dst, roi_subset=roi_classes(pipe), fast=fast, device="gpu" if device.type == "cuda" else "cpu")
+        return read_sitk(dst, "TotalSegmentator output")
+
+
+def prepare_case(image: sitk.Image, labels: sitk.Image, pipe: PipelineConfig) -> tuple[np.ndarray, np.ndarray]:
+    """(int16 HU, uint8 anatomy ids), both (D, H, W), as the processed cache stores them.
+
+    ``image`` and ``labels`` (TotalSegmentator ``total`` ids) share a grid; both are reoriented
+    to LPS, resampled, merged and cropped/padded by the pipeline's own functions.
+    """
+    image = sitk.DICOMOrient(image, ORIENTATION)
+    labels = sitk.DICOMOrient(labels, ORIENTATION)
+    check_same_geometry(image, labels)
+    check_labels(sitk.GetArrayViewFromImage(labels), total_class_ids())  # CaseError for non-`total` ids
+    image_r, labels_r = resample_case(image, labels, pipe.target_spacing_xyz, pad_hu=pipe.pad_hu)
+    anatomy = merge_labels(sitk.GetArrayViewFromImage(labels_r), build_label_lut(pipe))
+    return crop_pad_case(sitk.GetArrayViewFromImage(image_r), anatomy, pipe)
+
+
+def predict(args: argparse.Namespace) -> tuple[list[ZeroShotItem], dict[str, float]]:
+    cfg = apply_overrides(load_config(repo_path(args.config)), args.overrides)
+    pipe = load_pipeline_config(repo_path(cfg["pipeline_config"]))
+    roi, items = load_items(args.items)
+    device = torch.device(args.device)
+    model, tokenizer = load_eval_model(cfg, args.checkpoint, n_anatomies=pipe.n_anatomies,
+                                       text_encoder_dir=args.text_encoder or cfg["paths"]["text_encoder"],
+                                       device=device)
+    image = read_sitk(args.image, "image")
+    if args.mask is not None:
+        labels = read_sitk(args.mask, "mask")
+    else:
+        labels = segment(sitk.DICOMOrient(image, ORIENTATION), pipe, fast=args.fast, device=device)
+    hu, anatomy = prepare_case(image, labels, pipe)
+    logger.info("processed volume %s (D, H, W); anatomies present: %s", hu.shape,
+                [pipe.anatomy_names[i - 1] for i in np.unique(anatomy) if i])
+    text_feats = prompt_features(model, tokenizer, items, int(cfg["model"]["text_max_length"]), device)
+    scorer = ZeroShotScorer(model, items, pipe.anatomy_names, text_feats, roi, device,
+                            transform=lambda x: scale_hu(x, pipe.hu_window))
+    return items, scorer(hu, anatomy)
+
+
+def format_table(items: list[ZeroShotItem], probs: dict[str, float]) -> str:
+    rows = [(i.anatomy, i.abnormality, f"{probs[i.column]:.4f}" if i.column in probs else "absent") for i in items]
+    header = ("Anatomy", "Abnormality", "Probability")
+    widths = [max(len(r[k]) for r in (header, *rows)) for k in range(3)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in (header, *rows)]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines) + "\n"
+
+
+def as_json(args: argparse.Namespace, items: list[ZeroShotItem], probs: dict[str, float]) -> dict[str, Any]:
+    return {
+        "image": str(args.image),
+        "checkpoint": str(args.checkpoint),
+        "items": [{"anatomy": i.anatomy, "abnormality": i.abnormality, "negative": i.negative,
+                   "positive": i.positive, "probability": probs.get(i.column)} for i in items],
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser("fVLM zero-shot prediction for one CT", parents=[get_args_parser()],
+                                     description=__doc__.split("\n\n")[0])
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if args.json else logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        with torch.no_grad():
+            items, probs = predict(args)
+    except (ZeroShotSetupError, ConfigError, PipelineError) as e:  # CaseError / weights missing are PipelineErrors
+        print(f"predict: error: {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(as_json(args, items, probs), indent=2))
+    else:
+        print(format_table(items, probs), end="")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

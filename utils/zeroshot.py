@@ -1,0 +1,132 @@
+"""I/O around zero-shot scoring, shared by eval.py and predict.py.
+
+- ``load_items(path)``: ``configs/zeroshot_items.yaml`` (``roi_dhw`` + ``items`` of
+  ``[anatomy, abnormality, negative prompt, positive prompt]``), the single source of the
+  test items, their prompts and the window size.
+- ``load_eval_model(cfg, checkpoint, ...)``: the FVLM of a training preset with the weights of
+  one of our checkpoints (``{"model": state_dict, ...}``) or of the released fVLM layout
+  (spec §6), loaded with ``weights_only=True``; eval mode.
+- ``write_prediction_csv`` / ``write_failures_csv``: atomic writes in the release's format.
+"""
+from __future__ import annotations
+
+import csv
+import logging
+import os
+import re
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+import torch
+import yaml
+
+from models.fvlm import FVLM, build_fvlm
+from models.text_encoder import TextEncoderError, build_text_encoder
+from models.zeroshot import ZeroShotItem
+from utils.checkpoint import CheckpointError, load_checkpoint, load_model_state
+
+logger = logging.getLogger(__name__)
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+FILE_COLUMN = "file_name"
+
+
+class ZeroShotSetupError(RuntimeError):
+    """Items config, checkpoint or model setup is unusable (message names what to fix)."""
+
+
+def repo_path(path: str | Path) -> Path:
+    """A path as given when it exists or is absolute, else relative to the repository root."""
+    p = Path(path)
+    return p if p.is_absolute() or p.exists() else REPO_ROOT / p
+
+
+def load_items(path: str | Path) -> tuple[tuple[int, int, int], list[ZeroShotItem]]:
+    """(roi_dhw, items) from a zero-shot items YAML."""
+    path = repo_path(path)
+    if not path.is_file():
+        raise ZeroShotSetupError(f"items config not found: {path} (set --items)")
+    with open(path) as f:
+        cfg = yaml.safe_load(f)
+    if not isinstance(cfg, dict):
+        raise ZeroShotSetupError(f"{path}: expected a mapping with roi_dhw and items")
+    roi = cfg.get("roi_dhw")
+    if not (isinstance(roi, list) and len(roi) == 3 and all(isinstance(r, int) and r > 0 for r in roi)):
+        raise ZeroShotSetupError(f"{path}: roi_dhw must be 3 positive integers, got {roi!r}")
+    raw = cfg.get("items")
+    if not isinstance(raw, list) or not raw:
+        raise ZeroShotSetupError(f"{path}: items must be a non-empty list")
+    items = []
+    for i, entry in enumerate(raw):
+        if not (isinstance(entry, list) and len(entry) == 4 and all(isinstance(x, str) and x for x in entry)):
+            raise ZeroShotSetupError(f"{path}: item {i} must be [anatomy, abnormality, negative, positive], got {entry!r}")
+        if "_" in entry[0] or "_" in entry[1]:
+            raise ZeroShotSetupError(f"{path}: item {i}: anatomy and abnormality must not contain '_' "
+                                     "(the CSV column name is split on it)")
+        items.append(ZeroShotItem(*entry))
+    columns = [item.column for item in items]
+    if len(set(columns)) != len(columns):
+        raise ZeroShotSetupError(f"{path}: duplicate items")
+    return (roi[0], roi[1], roi[2]), items
+
+
+def latest_checkpoint(output_dir: str | Path) -> Path | None:
+    """``checkpoint_{N}.pth`` with the largest N in ``output_dir`` (None when there is none)."""
+    found = [(int(m.group(1)), p) for p in Path(output_dir).glob("checkpoint_*.pth")
+             if (m := re.fullmatch(r"checkpoint_(\d+)\.pth", p.name))]
+    return max(found)[1] if found else None
+
+
+def load_eval_model(
+    cfg: Mapping[str, Any],
+    checkpoint: str | Path,
+    *,
+    n_anatomies: int,
+    text_encoder_dir: str | Path,
+    device: torch.device,
+) -> tuple[FVLM, Any]:
+    """(model in eval mode on ``device``, tokenizer) for a preset and a checkpoint.
+
+    The text encoder is built from ``text_encoder_dir``'s config and vocabulary (random init);
+    every weight then comes from the checkpoint (ours or the release layout, ``weights_only``),
+    which must cover the whole model (``utils.checkpoint.load_model_state(strict=True)``).
+    """
+    checkpoint = Path(checkpoint)
+    if not checkpoint.is_file():
+        raise ZeroShotSetupError(f"checkpoint not found: {checkpoint} (set --checkpoint)")
+    try:
+        text_encoder, tokenizer = build_text_encoder(repo_path(text_encoder_dir), pretrained=False)
+    except TextEncoderError as e:
+        raise ZeroShotSetupError(f"{e} (set --text-encoder)") from e
+    model = build_fvlm(cfg["model"], img_size=cfg["data"]["crop_size"], text_encoder=text_encoder,
+                       n_anatomies=n_anatomies)
+    try:
+        load_model_state(model, load_checkpoint(checkpoint), strict=True)
+    except CheckpointError as e:
+        raise ZeroShotSetupError(f"{e} (set --checkpoint, or the --config it was trained with)") from e
+    logger.info("loaded %s", checkpoint)
+    return model.eval().to(device), tokenizer
+
+
+def _atomic_csv(path: Path, header: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".tmp-{path.name}")
+    with open(tmp, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(header)
+        writer.writerows(rows)
+    os.replace(tmp, path)
+
+
+def write_prediction_csv(path: str | Path, rows: Mapping[str, Mapping[str, float]],
+                         items: Sequence[ZeroShotItem]) -> None:
+    """``file_name`` + one column per item, rows sorted by file name; empty cell = anatomy absent."""
+    columns = [item.column for item in items]
+    _atomic_csv(Path(path), [FILE_COLUMN, *columns],
+                ([name, *(repr(rows[name][c]) if c in rows[name] else "" for c in columns)]
+                 for name in sorted(rows)))
+
+
+def write_failures_csv(path: str | Path, failures: Iterable[tuple[str, str]]) -> None:
+    """``volume,reason`` (header only when nothing failed), as the data pipeline writes them."""
+    _atomic_csv(Path(path), ["volume", "reason"], sorted(failures))

@@ -7,7 +7,7 @@ import logging
 import math
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -22,26 +22,25 @@ logger = logging.getLogger(__name__)
 class TrainStep(nn.Module):
     """Model + loss as one module, so DDP sees the whole training forward in one call.
 
-    forward(image (B,1,D,H,W), mask (B,D,H,W), texts [B][A], abnormal (B,A), usable (B,A))
-    -> the loss dict (``loss`` + per-anatomy ``loss_{name}``) and ``n_pairs``. Only the usable
-    (sample, anatomy) pairs enter pooling, text encoding and the loss (``FVLM.forward_train``).
+    forward(image (B,1,D,H,W), mask (B,D,H,W), texts [B][A] (to encode), text_hash (B,A),
+    abnormal (B,A), usable (B,A)) -> the loss dict (``loss`` + per-anatomy ``loss_{name}``) and
+    ``n_pairs``. Only the usable (sample, anatomy) pairs enter pooling, text encoding and the
+    loss (``FVLM.forward_train``).
     """
 
-    def __init__(self, model: nn.Module, loss_fn: nn.Module, tokenizer: Any,
-                 anatomy_names: Sequence[str], text_max_length: int) -> None:
+    def __init__(self, model: nn.Module, loss_fn: nn.Module, tokenizer: Any, text_max_length: int) -> None:
         super().__init__()
         self.model = model
         self.loss_fn = loss_fn
         self.tokenizer = tokenizer
-        self.anatomy_names = list(anatomy_names)
         self.text_max_length = int(text_max_length)
 
-    def forward(self, image: torch.Tensor, mask: torch.Tensor, texts: list[list[str]],
+    def forward(self, image: torch.Tensor, mask: torch.Tensor, texts: list[list[str]], text_hash: torch.Tensor,
                 abnormal: torch.Tensor, usable: torch.Tensor) -> dict[str, torch.Tensor]:
-        f = self.model.forward_train(image, mask, texts, usable, abnormal, tokenizer=self.tokenizer,
-                                     max_length=self.text_max_length, anatomy_names=self.anatomy_names)
+        f = self.model.forward_train(image, mask, texts, text_hash, usable, abnormal, tokenizer=self.tokenizer,
+                                     max_length=self.text_max_length)
         out = self.loss_fn(f["image_feats"].float(), f["text_feats"].float(), f["anatomy_idx"], f["abnormal"],
-                           f["text_hash"], self.model.temp, len(self.anatomy_names))
+                           f["text_hash"], self.model.temp, self.model.n_anatomies)
         out["n_pairs"] = torch.tensor(float(f["anatomy_idx"].numel()))
         return out
 
@@ -93,7 +92,7 @@ def train_one_epoch(
                 with amp:
                     out = step_module(batch["image"].to(device, non_blocking=True),
                                       batch["mask"].to(device, non_blocking=True),
-                                      batch["texts"], batch["abnormal"], batch["usable"])
+                                      batch["texts"], batch["text_hash"], batch["abnormal"], batch["usable"])
                 loss = out["loss"]
                 loss_value = loss.item()
                 if not math.isfinite(loss_value):

@@ -161,7 +161,7 @@ def train(args: argparse.Namespace) -> dict[str, float]:
         logger.info("--resume: no checkpoint in %s, starting a new run", out_dir)
 
     step_module: torch.nn.Module = TrainStep(model, AnatomyContrastiveLoss(rank, world_size, pipe.anatomy_names),
-                                             tokenizer, pipe.anatomy_names, cfg["model"]["text_max_length"])
+                                             tokenizer, cfg["model"]["text_max_length"])
     if world_size > 1:
         step_module = torch.nn.parallel.DistributedDataParallel(
             step_module, device_ids=[device.index] if device.type == "cuda" else None,

@@ -32,6 +32,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
+from data.texts import text_hash  # noqa: E402
 from engine import TrainStep  # noqa: E402
 from models.loss import AnatomyContrastiveLoss  # noqa: E402
 from train import build_model  # noqa: E402
@@ -77,8 +78,10 @@ def _batch(batch: int, crop: tuple[int, int, int], device: torch.device) -> dict
     mask[:, d // 3: 2 * d // 3, 9 * h // 16: 3 * h // 4, w // 3: w // 2] = 2
     mask[:, d // 4: 3 * d // 4, 13 * h // 16: 7 * h // 8, w // 2: 9 * w // 16] = 3
     mask[:, d // 4: 3 * d // 4, 13 * h // 16: 7 * h // 8, 5 * w // 8: 3 * w // 4] = 4
+    texts = _texts(batch)
     return {"image": torch.rand(batch, 1, d, h, w, generator=g).to(device), "mask": mask.to(device),
-            "texts": _texts(batch), "abnormal": torch.rand(batch, 4, generator=g) < 0.5,
+            "texts": texts, "text_hash": torch.tensor([[text_hash(t) for t in row] for row in texts]),
+            "abnormal": torch.rand(batch, 4, generator=g) < 0.5,
             "usable": torch.ones(batch, 4, dtype=torch.bool)}
 
 
@@ -94,7 +97,8 @@ def bench(preset: str, batch: int, *, amp: str, steps: int, device: torch.device
         torch.manual_seed(0)
         model, tokenizer = build_model(cfg, len(ANATOMIES))
     model.to(device)
-    step_module = TrainStep(model, AnatomyContrastiveLoss(anatomy_names=ANATOMIES), tokenizer, ANATOMIES, cfg["model"]["text_max_length"])
+    step_module = TrainStep(model, AnatomyContrastiveLoss(anatomy_names=ANATOMIES), tokenizer,
+                            cfg["model"]["text_max_length"])
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
     data = _batch(batch, tuple(cfg["data"]["crop_size"]), device)
     ctx = torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp == "bf16")
@@ -107,7 +111,8 @@ def bench(preset: str, batch: int, *, amp: str, steps: int, device: torch.device
             torch.cuda.synchronize()
         t0 = time.perf_counter()
         with ctx:
-            out = step_module(data["image"], data["mask"], data["texts"], data["abnormal"], data["usable"])
+            out = step_module(data["image"], data["mask"], data["texts"], data["text_hash"], data["abnormal"],
+                                  data["usable"])
         out["loss"].backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

@@ -30,7 +30,7 @@ import torch
 from torch.utils.data import Dataset
 
 from data.cache import image_to_mask_path, list_volumes, open_volume, scale_hu
-from data.texts import compose_anatomy_text, is_abnormal
+from data.texts import compose_anatomy_text, is_abnormal, text_for_encoding, text_hash
 
 logger = logging.getLogger(__name__)
 
@@ -101,6 +101,10 @@ class CTRateTrainDataset(Dataset):
         conc_info = _load_json(self.data_root / "conc_info.json")
         self.texts = [[compose_anatomy_text(s, a, desc_info, conc_info) for a in self.anatomy_names]
                       for s in self.scan_ids]
+        self.texts_to_encode = [[text_for_encoding(t, a) for t, a in zip(ts, self.anatomy_names)]
+                                for ts in self.texts]
+        self.text_hashes = np.array([[text_hash(t) for t in ts] for ts in self.texts],
+                                    dtype=np.int64).reshape(len(self.scan_ids), -1)
         self.abnormal = np.array([[is_abnormal(t, a) for t, a in zip(ts, self.anatomy_names)]
                                   for ts in self.texts], dtype=bool).reshape(len(self.scan_ids), -1)
         missing = [s for s in self.scan_ids if s not in conc_info and s not in desc_info]
@@ -150,7 +154,8 @@ class CTRateTrainDataset(Dataset):
         return {
             "image": torch.from_numpy(np.asarray(image, dtype=np.float32))[None],
             "mask": torch.from_numpy(mask),
-            "texts": list(self.texts[index]),
+            "texts": list(self.texts_to_encode[index]),
+            "text_hash": torch.from_numpy(self.text_hashes[index].copy()),
             "abnormal": torch.from_numpy(self.abnormal[index].copy()),
             "usable": torch.from_numpy(usable_anatomies(mask, len(self.anatomy_names))),
             "scan_id": self.scan_ids[index],
@@ -164,6 +169,7 @@ def collate(batch: list[dict[str, Any]]) -> dict[str, Any]:
         "image": torch.stack([b["image"] for b in batch]),
         "mask": torch.stack([b["mask"] for b in batch]),
         "texts": [b["texts"] for b in batch],
+        "text_hash": torch.stack([b["text_hash"] for b in batch]),
         "abnormal": torch.stack([b["abnormal"] for b in batch]),
         "usable": torch.stack([b["usable"] for b in batch]),
         "scan_id": [b["scan_id"] for b in batch],

@@ -12,7 +12,6 @@ output goes through ``vision_projs[a]`` and is L2-normalised.
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 from typing import Any, Mapping, Sequence
 
@@ -23,17 +22,6 @@ from torch import nn
 from models.vit3d import VisionTransformer3D
 
 logger = logging.getLogger(__name__)
-
-# data/texts.py owns the text rules; models/ must not import data/, so the one string that
-# forward_train needs is repeated here (tests check both agree).
-_NORMAL_TEMPLATE = "{} shows no significant abnormalities."
-
-
-def stable_text_hash(text: str) -> int:
-    """Signed 64-bit blake2b hash of ``text``, identical in every process (== data.texts.text_hash)."""
-    digest = hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest()
-    return int.from_bytes(digest, "little", signed=True)
-
 
 def anatomy_token_masks(mask: torch.Tensor, n_anatomies: int, patch_size: Sequence[int]) -> torch.Tensor:
     """mask (B, D, H, W) integer anatomy ids -> (B, A, L) bool, L = flattened (d, h, w) grid.
@@ -186,39 +174,33 @@ class FVLM(nn.Module):
         image: torch.Tensor,
         mask: torch.Tensor,
         texts: Sequence[Sequence[str]],
+        text_hash: torch.Tensor,
         usable: torch.Tensor,
         abnormal: torch.Tensor,
         *,
         tokenizer: Any,
         max_length: int,
-        anatomy_names: Sequence[str],
     ) -> dict[str, torch.Tensor]:
         """Everything the loss needs for the P usable (sample, anatomy) pairs of a batch.
 
-        image (B, 1, D, H, W), mask (B, D, H, W), texts [B][A] raw anatomy texts, usable and
-        abnormal (B, A) bool. A normal text longer than the bare template is encoded without
-        the template; hashes are of the raw texts (spec §5). Returns image_feats, text_feats
-        (P, proj_dim), anatomy_idx, sample_idx (P,) long, abnormal (P,) bool, text_hash (P,) int64.
+        image (B, 1, D, H, W), mask (B, D, H, W), texts [B][A] the texts to encode (spec §5: a
+        normal text without its template, see ``data.texts.text_for_encoding``), text_hash (B, A)
+        int64 hashes of the raw texts (they define which texts are identical), usable and
+        abnormal (B, A) bool. Returns image_feats, text_feats (P, proj_dim), anatomy_idx,
+        sample_idx (P,) long, abnormal (P,) bool, text_hash (P,) int64.
         """
         levels, token_masks = self.encode_image(image, mask)  # [B, L, C] x4, [B, A, L]
         sample_idx, anatomy_idx = usable.to(token_masks.device).bool().nonzero(as_tuple=True)  # [P], [P]
-        raw = [texts[s][a] for s, a in zip(sample_idx.tolist(), anatomy_idx.tolist())]
-        encoded = []
-        for text, a in zip(raw, anatomy_idx.tolist()):
-            template = _NORMAL_TEMPLATE.format(anatomy_names[a])
-            if text.startswith(template) and len(text) > len(template):
-                text = text[len(template):].strip()
-            encoded.append(text)
         image_feats = self.pool_anatomies(levels, token_masks[sample_idx, anatomy_idx], anatomy_idx, sample_idx)
-        text_feats = self.encode_texts(encoded, tokenizer, max_length, device=image_feats.device)
+        pair_texts = [texts[s][a] for s, a in zip(sample_idx.tolist(), anatomy_idx.tolist())]
+        text_feats = self.encode_texts(pair_texts, tokenizer, max_length, device=image_feats.device)
         return {
             "image_feats": image_feats,
             "text_feats": text_feats,
             "anatomy_idx": anatomy_idx,
             "sample_idx": sample_idx,
             "abnormal": abnormal.to(image_feats.device).bool()[sample_idx, anatomy_idx],
-            "text_hash": torch.tensor([stable_text_hash(t) for t in raw], dtype=torch.int64,
-                                      device=image_feats.device),
+            "text_hash": text_hash.to(image_feats.device)[sample_idx, anatomy_idx],
         }
 
 

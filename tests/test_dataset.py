@@ -8,6 +8,7 @@ import torch
 
 from data.cache import scale_hu, write_volume
 from data.dataset import CTRateTrainDataset, SampleReadError, collate, scan_id_of, usable_anatomies
+from data.texts import text_hash
 
 NAMES = ["lung", "heart", "esophagus", "aorta"]
 SHAPE = (12, 20, 24)  # (D, H, W)
@@ -58,6 +59,9 @@ def test_one_item_per_scan_and_texts(cache):
     assert ds.texts[0][0] == "Emphysema mild.Emphysematous changes."
     assert ds.texts[1][3] == "aorta shows no significant abnormalities.Aorta is normal."
     assert ds.abnormal.tolist() == [[True, True, False, False], [False, False, False, False]]
+    item = ds[1]  # spec §5: a normal text is encoded without its template; hashes are of the raw texts
+    assert item["texts"][3] == "Aorta is normal."
+    assert item["text_hash"][3].item() == text_hash(ds.texts[1][3]) != text_hash("Aorta is normal.")
     assert scan_id_of("x/train_12_b_3.nii") == "train_12_b" == scan_id_of("train_12_b_3.nii.gz")
 
 

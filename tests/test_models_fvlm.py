@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from transformers import BertConfig, BertModel
 
-from models.fvlm import FVLM, _NORMAL_TEMPLATE, anatomy_token_masks, stable_text_hash
+from models.fvlm import FVLM, anatomy_token_masks
 from models.text_encoder import build_text_encoder
 from models.vit3d import VisionTransformer3D
 
@@ -146,15 +146,16 @@ def test_encode_texts_dedupe_equals_pad_to_max(tmp_path):
     assert model.encode_texts([], tok, 48).shape == (0, 256)
 
 
-def test_forward_train_strips_template_and_hashes_raw_texts(tmp_path):
-    from data.texts import normal_template, text_for_encoding, text_hash
+def test_forward_train_selects_usable_pairs(tmp_path):
+    from data.texts import text_for_encoding, text_hash
     names = ["lung", "heart", "aorta"]
-    assert all(_NORMAL_TEMPLATE.format(n) == normal_template(n) for n in names)
     model, tok = tiny_fvlm(tmp_path)
     model.eval()
-    texts = [["lung shows no significant abnormalities.", "heart shows no significant abnormalities.Small effusion.",
-              "aorta calcification."],
-             ["lung nodule.", "heart shows no significant abnormalities.", "aorta shows no significant abnormalities."]]
+    raw = [["lung shows no significant abnormalities.", "heart shows no significant abnormalities.Small effusion.",
+            "aorta calcification."],
+           ["lung nodule.", "heart shows no significant abnormalities.", "aorta shows no significant abnormalities."]]
+    texts = [[text_for_encoding(t, n) for t, n in zip(row, names)] for row in raw]
+    hashes = torch.tensor([[text_hash(t) for t in row] for row in raw])
     usable = torch.tensor([[True, True, True], [True, False, True]])
     abnormal = torch.tensor([[False, False, True], [True, False, False]])
     mask = torch.zeros(2, 16, 16, 24, dtype=torch.uint8)
@@ -162,14 +163,13 @@ def test_forward_train_strips_template_and_hashes_raw_texts(tmp_path):
     mask[:, 8:16, 0:8] = 2
     mask[:, 8:16, 8:16] = 3
     with torch.no_grad():
-        out = model.forward_train(torch.rand(2, 1, 16, 16, 24), mask, texts, usable, abnormal,
-                                  tokenizer=tok, max_length=32, anatomy_names=names)
+        out = model.forward_train(torch.rand(2, 1, 16, 16, 24), mask, texts, hashes, usable, abnormal,
+                                  tokenizer=tok, max_length=32)
         pairs = list(zip(out["sample_idx"].tolist(), out["anatomy_idx"].tolist()))
         assert pairs == [(0, 0), (0, 1), (0, 2), (1, 0), (1, 2)]
-        encoded = [text_for_encoding(texts[s][a], names[a]) for s, a in pairs]
+        encoded = [texts[s][a] for s, a in pairs]
         assert encoded[1] == "Small effusion." and encoded[0] == "lung shows no significant abnormalities."
         torch.testing.assert_close(out["text_feats"], model.encode_texts(encoded, tok, 32), atol=1e-6, rtol=0)
-    assert out["text_hash"].tolist() == [text_hash(texts[s][a]) for s, a in pairs]
+    assert out["text_hash"].tolist() == [text_hash(raw[s][a]) for s, a in pairs]
     assert out["abnormal"].tolist() == [False, False, True, True, False]
     assert out["image_feats"].shape == (5, 256)
-    assert stable_text_hash("x") == text_hash("x")

@@ -92,7 +92,7 @@ HU_MIN, HU_MAX = -1024, 3071
 RESCALES: tuple[tuple[int, int], ...] = ((1, -1024), (1, -8192), (1, 0), (2, -1024))
 RESCALE_WEIGHTS = (0.7, 0.1, 0.1, 0.1)
 MANIFEST = "synthetic_manifest.json"
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 
 # Stream tags keep the random streams of different purposes independent.
 _PLAN, _PATIENT, _SCAN, _TEXT, _RECON, _NOISE, _LAYOUT = range(7)
@@ -155,6 +155,25 @@ DESC: dict[str, tuple[str, ...]] = {
                                     "Calcified atherosclerotic changes were observed in the wall of the "
                                     "{aorta_loc}."),
 }
+# Findings that rule out an absent abnormality. CT-RATE findings are full of such negatives
+# ("No pleural effusion was detected."); without them the reports never say what "not X"
+# means, and the zero-shot negative prompts ("Not X.") have nothing to match.
+ABSENT_DESC: dict[str, tuple[str, ...]] = {
+    "Emphysema": ("No emphysema was observed in both lungs.", "Emphysema was not detected."),
+    "Lung nodule": ("No nodule was detected in both lungs.", "Nodule was not observed in the lung parenchyma."),
+    "Lung opacity": ("No opacity was observed in the lung parenchyma.", "Opacity was not detected."),
+    "Consolidation": ("No consolidation was detected.", "Consolidation was not observed in the lungs."),
+    "Pleural effusion": ("No pleural effusion was detected.", "Pleural effusion was not observed."),
+    "Atelectasis": ("No atelectasis was observed.", "Atelectatic changes were not detected."),
+    "Cardiomegaly": ("No cardiomegaly was observed.", "Cardiomegaly was not detected."),
+    "Pericardial effusion": ("No pericardial effusion was detected.", "Pericardial effusion was not observed."),
+    "Coronary artery wall calcification": ("No coronary artery wall calcification was observed.",
+                                           "Coronary artery wall calcification was not detected."),
+    "Hiatal hernia": ("No hiatal hernia was detected.", "Hiatal hernia was not observed."),
+    "Arterial wall calcification": ("No arterial wall calcification was observed in the aorta.",
+                                    "Arterial wall calcification was not detected."),
+}
+ABSENT_DESC_PROB = 0.6  # chance that the findings rule out a given absent abnormality
 # Findings of a normal anatomy (style of the CT-RATE reference texts); "" = no findings text.
 NORMAL_DESC: dict[str, tuple[str, ...]] = {
     "lung": ("No mass lesion was detected in both lungs.",
@@ -772,9 +791,12 @@ def scan_texts(p: dict[str, Any], rng: np.random.Generator, anatomies: list[str]
             fill = {"aorta_loc": pick(AORTA_LOCATIONS)}
         conc[anatomy].append(pick(CONC[abn]).format(**fill))
         desc[anatomy].append(pick(DESC[abn]).format(**fill))
+    for abn, (anatomy, _) in SIMULATED.items():
+        if abn not in p["abn"] and rng.random() < ABSENT_DESC_PROB:
+            desc[anatomy].append(pick(ABSENT_DESC[abn]))
     out_desc: dict[str, str] = {}
     for a in anatomies:
-        text = " ".join(desc[a]) if conc[a] else pick(NORMAL_DESC[a])
+        text = " ".join(([] if conc[a] else [pick(NORMAL_DESC[a])]) + desc[a]).strip()
         if text:
             out_desc[a] = text
     return ScanText({a: " ".join(c) for a, c in conc.items() if c}, out_desc)
@@ -979,7 +1001,7 @@ def build_demo_vocab() -> list[str]:
     anatomies = [a for a, _ in load_anatomies()]
     texts: list[str] = [TECHNIQUE, FINDINGS_EXTRA, NORMAL_IMPRESSION, *CLINICAL, *AORTA_LOCATIONS]
     texts += [normal_template(a) for a in anatomies]
-    texts += [s for group in (CONC, DESC, NORMAL_DESC) for options in group.values() for s in options]
+    texts += [s for group in (CONC, DESC, ABSENT_DESC, NORMAL_DESC) for options in group.values() for s in options]
     texts += [s for pair in list(LOBES.values()) + list(EFFUSION_SIDES.values()) for s in pair]
     texts += ["and another nodule in the", *LABEL_COLUMNS]
     texts += [str(x) for item in items for x in item]
@@ -993,10 +1015,13 @@ def write_demo_bert(config_dir: str | Path = DEMO_BERT_DIR) -> None:
     """Write vocab.txt, config.json (tiny random BERT) and tokenizer_config.json of the demo text encoder."""
     d = Path(config_dir)
     vocab = build_demo_vocab()
+    # A random BERT at the usual init scale (std 0.02) gives almost the same [CLS] vector for
+    # every text (cosine 0.9998), which parks contrastive training on its ln(N) plateau;
+    # std 0.3 makes distinct texts distinct from the first step. No dropout: the demo is short.
     config = {"architectures": ["BertModel"], "model_type": "bert", "vocab_size": len(vocab),
               "hidden_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 256,
-              "hidden_act": "gelu", "hidden_dropout_prob": 0.1, "attention_probs_dropout_prob": 0.1,
-              "max_position_embeddings": 512, "type_vocab_size": 2, "initializer_range": 0.02,
+              "hidden_act": "gelu", "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0,
+              "max_position_embeddings": 512, "type_vocab_size": 2, "initializer_range": 0.3,
               "layer_norm_eps": 1e-12, "pad_token_id": 0}
     tok = {"do_lower_case": True, "tokenizer_class": "BertTokenizer", "model_max_length": 512}
     _write_text(d / "vocab.txt", "\n".join(vocab) + "\n")

@@ -164,7 +164,7 @@ def test_vocab_committed_and_no_unk(dataset):
         texts += [t for c in syn.REPORT_COLUMNS[1:] for t in r[c]]
     items = yaml.safe_load(syn.ZEROSHOT_ITEMS.read_text())["items"]
     texts += [p for item in items for p in item[2:]] + [syn.normal_template(a) for a, _ in syn.load_anatomies()]
-    texts += [s for group in (syn.CONC, syn.DESC, syn.NORMAL_DESC) for opts in group.values() for s in opts]
+    texts += [s for group in (syn.CONC, syn.DESC, syn.ABSENT_DESC, syn.NORMAL_DESC) for opts in group.values() for s in opts]
     for t in texts:
         assert tok.unk_token_id not in tok(t)["input_ids"], t
 

@@ -30,14 +30,13 @@ from tqdm import tqdm
 from data.cache import VolumeReadError, image_to_mask_path, list_volumes, open_volume, scale_hu
 from data.common import PipelineError, load_pipeline_config
 from models.zeroshot import ZeroShotScorer, prompt_features
-from utils.config import ConfigError, apply_overrides, load_config
+from utils.config import ConfigError, apply_overrides, load_config, resolve_path
 from utils.distributed import init_distributed, is_dist, is_main_process, setup_logging
 from utils.zeroshot import (
     ZeroShotSetupError,
     latest_checkpoint,
     load_eval_model,
     load_items,
-    repo_path,
     write_failures_csv,
     write_prediction_csv,
 )
@@ -92,8 +91,8 @@ def gather_to_main(obj: object) -> list[object]:
 def evaluate(args: argparse.Namespace) -> int:
     rank, world_size, device = init_distributed()
     setup_logging()
-    cfg = apply_overrides(load_config(repo_path(args.config)), args.overrides)
-    pipe = load_pipeline_config(repo_path(cfg["pipeline_config"]))
+    cfg = apply_overrides(load_config(resolve_path(args.config)), args.overrides)
+    pipe = load_pipeline_config(resolve_path(cfg["pipeline_config"]))
     roi, items = load_items(args.items)
     data_root = args.data_root or Path(cfg["paths"]["data_root"])
     checkpoint = args.checkpoint

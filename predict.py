@@ -47,8 +47,8 @@ from data.generate_mask import (check_labels, check_same_geometry, check_totalse
 from data.preprocess import crop_pad_case
 from data.resize import build_label_lut, merge_labels, resample_case
 from models.zeroshot import ZeroShotItem, ZeroShotScorer, prompt_features
-from utils.config import ConfigError, apply_overrides, load_config
-from utils.zeroshot import ZeroShotSetupError, load_eval_model, load_items, repo_path
+from utils.config import ConfigError, apply_overrides, load_config, resolve_path
+from utils.zeroshot import ZeroShotSetupError, load_eval_model, load_items
 
 logger = logging.getLogger("predict")
 
@@ -98,8 +98,8 @@ def prepare_case(image: sitk.Image, labels: sitk.Image, pipe: PipelineConfig) ->
 
 
 def predict(args: argparse.Namespace) -> tuple[list[ZeroShotItem], dict[str, float]]:
-    cfg = apply_overrides(load_config(repo_path(args.config)), args.overrides)
-    pipe = load_pipeline_config(repo_path(cfg["pipeline_config"]))
+    cfg = apply_overrides(load_config(resolve_path(args.config)), args.overrides)
+    pipe = load_pipeline_config(resolve_path(cfg["pipeline_config"]))
     roi, items = load_items(args.items)
     device = torch.device(args.device)
     model, tokenizer = load_eval_model(cfg, args.checkpoint, n_anatomies=pipe.n_anatomies,

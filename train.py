@@ -32,11 +32,10 @@ from models.fvlm import FVLM, build_fvlm
 from models.loss import AnatomyContrastiveLoss
 from models.text_encoder import TextEncoderError, build_text_encoder
 from utils.checkpoint import CheckpointError, load_checkpoint, load_mae_into_vit, load_model_state, save_checkpoint
-from utils.config import ConfigError, apply_overrides, load_config, save_config, set_by_path
+from utils.config import ConfigError, apply_overrides, load_config, resolve_path, save_config, set_by_path
 from utils.distributed import barrier, init_distributed, is_main_process, setup_logging
 
 logger = logging.getLogger("train")
-REPO_ROOT = Path(__file__).resolve().parent
 # command-line flag -> config key (the flag wins over the preset; key=value overrides win over both)
 FLAG_KEYS = {"data_root": "paths.data_root", "mae_weights": "paths.mae_weights",
              "text_encoder": "paths.text_encoder", "output_dir": "paths.output_dir",
@@ -68,17 +67,12 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def resolve_config(args: argparse.Namespace) -> dict[str, Any]:
-    cfg = load_config(_repo_path(args.config))
+    cfg = load_config(resolve_path(args.config))
     for flag, key in FLAG_KEYS.items():
         value = getattr(args, flag)
         if value is not None:
             set_by_path(cfg, key, None if (flag == "mae_weights" and value.lower() == "none") else value)
     return apply_overrides(cfg, args.overrides)
-
-
-def _repo_path(path: str) -> Path:
-    p = Path(path)
-    return p if p.exists() or p.is_absolute() else REPO_ROOT / p
 
 
 def check_paths(cfg: dict[str, Any]) -> None:
@@ -88,7 +82,7 @@ def check_paths(cfg: dict[str, Any]) -> None:
                               ("text_encoder", "--text-encoder", True)):
         if paths[key] is None:
             continue
-        p = _repo_path(paths[key])
+        p = resolve_path(paths[key])
         if not (p.is_dir() if is_dir else p.is_file()):
             hint = " (or --mae-weights none)" if key == "mae_weights" else ""
             raise SetupError(f"{key.replace('_', ' ')} {paths[key]} not found: set {flag}{hint}")
@@ -132,7 +126,7 @@ def train(args: argparse.Namespace) -> dict[str, float]:
         save_config({k: v for k, v in cfg.items() if not k.startswith("_")}, out_dir)
     seed_everything(cfg["seed"] + rank)
 
-    pipe = load_pipeline_config(_repo_path(cfg["pipeline_config"]))
+    pipe = load_pipeline_config(resolve_path(cfg["pipeline_config"]))
     dataset = CTRateTrainDataset(
         cfg["paths"]["data_root"], anatomy_names=pipe.anatomy_names, crop_size=cfg["data"]["crop_size"],
         hu_window=pipe.hu_window, flip_prob=cfg["data"]["flip_prob"], split=cfg["data"]["split"], seed=cfg["seed"])

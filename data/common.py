@@ -44,9 +44,10 @@ from typing import Callable, Sequence
 import yaml
 from tqdm import tqdm
 
+from utils.config import resolve_path
+
 logger = logging.getLogger(__name__)
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = Path("configs/pipeline.yaml")
 SPLITS = ("train", "valid")
 METADATA_FILES = {"train": "metadata/train_metadata.csv", "valid": "metadata/validation_metadata.csv"}
@@ -85,14 +86,6 @@ class PipelineConfig:
         """int16 value written for padding: the window's low end, which ``scale_hu`` maps to 0."""
         return max(int(self.hu_window[0] // 1), -32768)
 
-
-def resolve_path(path: str | Path) -> Path:
-    """An absolute path as is; a relative one from the current directory if it exists there,
-    else from the repository root (so ``--config configs/x.yaml`` works from ``data/`` too)."""
-    path = Path(path)
-    if path.is_absolute() or path.exists():
-        return path
-    return REPO_ROOT / path
 
 
 def _numbers(cfg: dict, key: str, n: int, kind: type) -> tuple:

@@ -19,6 +19,18 @@ class ConfigError(ValueError):
     """A preset or an override is malformed."""
 
 
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def resolve_path(path: str | Path) -> Path:
+    """An absolute path as is; a relative one from the current directory if it exists there,
+    else from the repository root (so ``--config configs/x.yaml`` works from ``data/`` too)."""
+    path = Path(path)
+    if path.is_absolute() or path.exists():
+        return path
+    return REPO_ROOT / path
+
+
 def load_config(path: str | Path) -> dict[str, Any]:
     """Read a YAML preset; the top level must be a mapping."""
     path = Path(path)

@@ -24,10 +24,10 @@ from models.fvlm import FVLM, build_fvlm
 from models.text_encoder import TextEncoderError, build_text_encoder
 from models.zeroshot import ZeroShotItem
 from utils.checkpoint import CheckpointError, load_checkpoint, load_model_state
+from utils.config import resolve_path
 
 logger = logging.getLogger(__name__)
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 FILE_COLUMN = "file_name"
 
 
@@ -35,15 +35,9 @@ class ZeroShotSetupError(RuntimeError):
     """Items config, checkpoint or model setup is unusable (message names what to fix)."""
 
 
-def repo_path(path: str | Path) -> Path:
-    """A path as given when it exists or is absolute, else relative to the repository root."""
-    p = Path(path)
-    return p if p.is_absolute() or p.exists() else REPO_ROOT / p
-
-
 def load_items(path: str | Path) -> tuple[tuple[int, int, int], list[ZeroShotItem]]:
     """(roi_dhw, items) from a zero-shot items YAML."""
-    path = repo_path(path)
+    path = resolve_path(path)
     if not path.is_file():
         raise ZeroShotSetupError(f"items config not found: {path} (set --items)")
     with open(path) as f:
@@ -95,7 +89,7 @@ def load_eval_model(
     if not checkpoint.is_file():
         raise ZeroShotSetupError(f"checkpoint not found: {checkpoint} (set --checkpoint)")
     try:
-        text_encoder, tokenizer = build_text_encoder(repo_path(text_encoder_dir), pretrained=False)
+        text_encoder, tokenizer = build_text_encoder(resolve_path(text_encoder_dir), pretrained=False)
     except TextEncoderError as e:
         raise ZeroShotSetupError(f"{e} (set --text-encoder)") from e
     model = build_fvlm(cfg["model"], img_size=cfg["data"]["crop_size"], text_encoder=text_encoder,

@@ -12,6 +12,7 @@ DEMO_TRAIN   ?= 300
 DEMO_VALID   ?= 60
 DEMO_SEED    ?= 0
 NPROC        ?= 2
+DEMO_TRAIN_ARGS ?=
 DATA_ARGS    := --data-root $(DEMO_DATA) --config configs/pipeline_demo.yaml --workers $(NPROC)
 
 .PHONY: install demo test test-fast clean-demo
@@ -32,7 +33,7 @@ demo: $(STAMP)
 	  $(PY) -m data.preprocess $(DATA_ARGS) --split $$split || exit 1; \
 	done
 	OMP_NUM_THREADS=1 $(VENV)/bin/torchrun --standalone --nproc_per_node=$(NPROC) train.py \
-	  --config configs/demo.yaml --data-root $(DEMO_DATA) --output-dir $(DEMO_OUT) --resume
+	  --config configs/demo.yaml --data-root $(DEMO_DATA) --output-dir $(DEMO_OUT) --resume $(DEMO_TRAIN_ARGS)
 	OMP_NUM_THREADS=1 $(VENV)/bin/torchrun --standalone --nproc_per_node=$(NPROC) eval.py \
 	  --config configs/demo.yaml --data-root $(DEMO_DATA) --output-dir $(DEMO_OUT) --output $(DEMO_OUT)/zeroshot_valid.csv
 	$(PY) calc_metrics.py --csv_file $(DEMO_OUT)/zeroshot_valid.csv --data-root $(DEMO_DATA)

@@ -82,7 +82,7 @@ def train_one_epoch(
             if step >= steps_per_epoch:
                 break
             if it % accum == 0:
-                lr = lr_at(epoch, step, steps_per_epoch, optim_cfg)
+                lr = lr_at(epoch, step, optim_cfg)
                 apply_lr(optimizer, lr)
                 model.clamp_temp(model_cfg["temp_min"], model_cfg["temp_max"])
                 step_stats = {}

@@ -10,22 +10,22 @@ CFG = {"lr": 1e-4, "min_lr": 1e-6, "warmup_lr": 1e-6, "warmup_steps": 377, "epoc
 
 
 def test_first_step():
-    assert lr_at(0, 0, 1000, CFG) == pytest.approx(1e-6)
+    assert lr_at(0, 0, CFG) == pytest.approx(1e-6)
 
 
 def test_warmup_midway_and_end():
-    assert lr_at(0, 100, 1000, CFG) == pytest.approx(1e-6 + (1e-4 - 1e-6) * 100 / 377)
-    assert lr_at(0, 376, 1000, CFG) < 1e-4
-    assert lr_at(0, 377, 1000, CFG) == pytest.approx(1e-4)
-    assert lr_at(0, 900, 1000, CFG) == pytest.approx(1e-4)  # flat after warm-up
+    assert lr_at(0, 100, CFG) == pytest.approx(1e-6 + (1e-4 - 1e-6) * 100 / 377)
+    assert lr_at(0, 376, CFG) < 1e-4
+    assert lr_at(0, 377, CFG) == pytest.approx(1e-4)
+    assert lr_at(0, 900, CFG) == pytest.approx(1e-4)  # flat after warm-up
 
 
 def test_epoch_one_and_last():
     e1 = (1e-4 - 1e-6) * 0.5 * (1 + math.cos(math.pi / 20)) + 1e-6
-    assert lr_at(1, 0, 1000, CFG) == pytest.approx(e1)
-    assert lr_at(1, 999, 1000, CFG) == pytest.approx(e1)  # constant within an epoch
+    assert lr_at(1, 0, CFG) == pytest.approx(e1)
+    assert lr_at(1, 999, CFG) == pytest.approx(e1)  # constant within an epoch
     last = (1e-4 - 1e-6) * 0.5 * (1 + math.cos(math.pi * 19 / 20)) + 1e-6
-    assert lr_at(19, 0, 1000, CFG) == pytest.approx(last)
+    assert lr_at(19, 0, CFG) == pytest.approx(last)
     assert 1e-6 < last < 2e-6
 
 

@@ -15,14 +15,12 @@ from typing import Any, Mapping
 import torch
 
 
-def lr_at(epoch: int, step_in_epoch: int, steps_per_epoch: int, cfg: Mapping[str, Any]) -> float:
+def lr_at(epoch: int, step_in_epoch: int, cfg: Mapping[str, Any]) -> float:
     """Learning rate for optimiser step ``step_in_epoch`` (0-based) of ``epoch`` (0-based).
 
     ``cfg`` holds ``lr``, ``min_lr``, ``warmup_lr``, ``warmup_steps`` and ``epochs``
-    (the ``optim`` section of a preset). ``steps_per_epoch`` is accepted so the
-    signature fits any schedule; the release's schedule does not need it.
+    (the ``optim`` section of a preset).
     """
-    del steps_per_epoch
     base, min_lr, epochs = float(cfg["lr"]), float(cfg["min_lr"]), int(cfg["epochs"])
     if epoch == 0:
         warmup_steps = int(cfg["warmup_steps"])

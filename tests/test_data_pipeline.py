@@ -407,7 +407,7 @@ def test_no_anatomy_and_missing_resized_mask_fail_in_preprocess(processed, tmp_p
     assert not list((root / "processed_train_masks").glob("*/*/" + names[0]))
 
 
-def test_missing_input_folder_or_metadata_exit_2(work, capsys):
+def test_missing_input_folder_or_metadata_exit_2(work):
     assert run_step("resize", work) == 2  # nothing fixed yet
     (work / "metadata" / "train_metadata.csv").unlink()
     assert run_step("fix", work) == 2

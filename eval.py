@@ -24,17 +24,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from tqdm import tqdm
 
 from data.cache import VolumeReadError, image_to_mask_path, list_volumes, open_volume, scale_hu
 from data.common import PipelineError, load_pipeline_config
 from models.zeroshot import ZeroShotScorer, prompt_features
+from utils.checkpoint import latest_checkpoint
 from utils.config import ConfigError, apply_overrides, load_config, resolve_path
-from utils.distributed import init_distributed, is_dist, is_main_process, setup_logging
+from utils.distributed import destroy, gather_to_main, init_distributed, is_main_process, setup_logging
 from utils.zeroshot import (
     ZeroShotSetupError,
-    latest_checkpoint,
     load_eval_model,
     load_items,
     write_failures_csv,
@@ -77,15 +76,6 @@ def read_case(image_path: Path) -> tuple[np.ndarray, np.ndarray]:
 def volume_name(image_path: Path) -> str:
     """Processed ``.../valid_1_a_1.nii`` -> the VolumeName ``valid_1_a_1.nii.gz``."""
     return image_path.name[: -len(".nii")] + ".nii.gz"
-
-
-def gather_to_main(obj: object) -> list[object]:
-    """Every rank's ``obj`` on rank 0 (a one-item list on a single process)."""
-    if not is_dist():
-        return [obj]
-    out: list[object] = [None] * dist.get_world_size() if is_main_process() else None
-    dist.gather_object(obj, out, dst=0)
-    return out if is_main_process() else []
 
 
 def evaluate(args: argparse.Namespace) -> int:
@@ -157,8 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ZeroShotSetupError, ConfigError, PipelineError) as e:
         print(f"eval: error: {e}", file=sys.stderr)
         status = 2
-    if is_dist():
-        dist.destroy_process_group()
+    destroy()
     return status  # rank 0 carries the status; torchrun fails when any rank does
 
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -31,9 +30,10 @@ from engine import TrainStep, train_one_epoch
 from models.fvlm import FVLM, build_fvlm
 from models.loss import AnatomyContrastiveLoss
 from models.text_encoder import TextEncoderError, build_text_encoder
-from utils.checkpoint import CheckpointError, load_checkpoint, load_mae_into_vit, load_model_state, save_checkpoint
+from utils.checkpoint import (CheckpointError, latest_checkpoint, load_checkpoint, load_mae_into_vit, load_model_state,
+                              save_checkpoint)
 from utils.config import ConfigError, apply_overrides, load_config, resolve_path, save_config, set_by_path
-from utils.distributed import barrier, init_distributed, is_main_process, setup_logging
+from utils.distributed import barrier, destroy, init_distributed, is_main_process, setup_logging
 
 logger = logging.getLogger("train")
 # command-line flag -> config key (the flag wins over the preset; key=value overrides win over both)
@@ -87,12 +87,6 @@ def check_paths(cfg: dict[str, Any]) -> None:
             hint = " (or --mae-weights none)" if key == "mae_weights" else ""
             raise SetupError(f"{key.replace('_', ' ')} {paths[key]} not found: set {flag}{hint}")
         paths[key] = str(p)
-
-
-def latest_checkpoint(output_dir: Path) -> Path | None:
-    found = [(int(m.group(1)), p) for p in output_dir.glob("checkpoint_*.pth")
-             if (m := re.fullmatch(r"checkpoint_(\d+)\.pth", p.name))]
-    return max(found)[1] if found else None
 
 
 def seed_everything(seed: int) -> None:
@@ -196,8 +190,7 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger("train").error("%s", e)
         return 1
     finally:
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+        destroy()
     return 0
 
 

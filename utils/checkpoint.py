@@ -244,3 +244,10 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         return torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as e:
         raise CheckpointError(f"cannot load {path} with weights_only=True: {e}") from e
+
+
+def latest_checkpoint(output_dir: str | Path) -> Path | None:
+    """``checkpoint_{N}.pth`` with the largest N in ``output_dir`` (None when there is none)."""
+    found = [(int(m.group(1)), p) for p in Path(output_dir).glob("checkpoint_*.pth")
+             if (m := re.fullmatch(r"checkpoint_(\d+)\.pth", p.name))]
+    return max(found)[1] if found else None

@@ -75,3 +75,18 @@ def setup_logging(level: int = logging.INFO) -> None:
     root = logging.getLogger()
     root.handlers[:] = [h for h in root.handlers if not getattr(h, "fvlm", False)] + [handler]
     root.setLevel(level)
+
+
+def gather_to_main(obj: object) -> list[object]:
+    """Every rank's ``obj`` on rank 0 (a one-item list on a single process)."""
+    if not is_dist():
+        return [obj]
+    out: list[object] = [None] * dist.get_world_size() if is_main_process() else None
+    dist.gather_object(obj, out, dst=0)
+    return out if is_main_process() else []
+
+
+def destroy() -> None:
+    """Tear down the process group, if any."""
+    if is_dist():
+        dist.destroy_process_group()

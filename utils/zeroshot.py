@@ -13,7 +13,6 @@ from __future__ import annotations
 import csv
 import logging
 import os
-import re
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -62,13 +61,6 @@ def load_items(path: str | Path) -> tuple[tuple[int, int, int], list[ZeroShotIte
     if len(set(columns)) != len(columns):
         raise ZeroShotSetupError(f"{path}: duplicate items")
     return (roi[0], roi[1], roi[2]), items
-
-
-def latest_checkpoint(output_dir: str | Path) -> Path | None:
-    """``checkpoint_{N}.pth`` with the largest N in ``output_dir`` (None when there is none)."""
-    found = [(int(m.group(1)), p) for p in Path(output_dir).glob("checkpoint_*.pth")
-             if (m := re.fullmatch(r"checkpoint_(\d+)\.pth", p.name))]
-    return max(found)[1] if found else None
 
 
 def load_eval_model(

@@ -53,7 +53,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="training output directory searched for the default checkpoint (default: the preset's)")
     p.add_argument("--data-root", dest="data_root", type=Path,
                    help="root holding processed_{split}_images/ and _masks/ (default: the preset's, 'data')")
-    p.add_argument("--items", default="configs/zeroshot_items.yaml", help="test items, prompts and roi")
+    p.add_argument("--items", help="test items, prompts and roi (default: the preset's zeroshot_items)")
     p.add_argument("--text-encoder", dest="text_encoder",
                    help="text encoder directory for config + vocabulary (default: the preset's)")
     p.add_argument("--split", default="valid", help="processed split to score (default: valid)")
@@ -83,7 +83,7 @@ def evaluate(args: argparse.Namespace) -> int:
     setup_logging()
     cfg = apply_overrides(load_config(resolve_path(args.config)), args.overrides)
     pipe = load_pipeline_config(resolve_path(cfg["pipeline_config"]))
-    roi, items = load_items(args.items)
+    roi, items = load_items(resolve_path(args.items or cfg["zeroshot_items"]))
     data_root = args.data_root or Path(cfg["paths"]["data_root"])
     checkpoint = args.checkpoint
     if checkpoint is None:

@@ -1,7 +1,7 @@
 """Zero-shot abnormality probabilities for one CT scan (spec §2 preprocessing + §7 scoring).
 
     python predict.py --image scan.nii.gz --checkpoint CKPT [--mask seg.nii.gz] [--config configs/ctrate.yaml]
-                      [--items configs/zeroshot_items.yaml] [--text-encoder DIR] [--json]
+                      [--items ITEMS.yaml] [--text-encoder DIR] [--json]
 
 Input: any 3D image SimpleITK reads (NIfTI, NRRD, MHA, ...) holding HU, with any spacing and
 orientation; its header geometry is trusted (unlike CT-RATE's raw files, whose geometry
@@ -61,7 +61,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", type=Path, required=True, help="our checkpoint or the released fVLM weights")
     p.add_argument("--mask", type=Path, help="TotalSegmentator `total` label map of --image (default: run it)")
     p.add_argument("--config", default="configs/ctrate.yaml", help="training preset of the checkpoint")
-    p.add_argument("--items", default="configs/zeroshot_items.yaml", help="test items, prompts and roi")
+    p.add_argument("--items", help="test items, prompts and roi (default: the preset's zeroshot_items)")
     p.add_argument("--text-encoder", dest="text_encoder", help="text encoder directory (default: the preset's)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="torch device for the model (default: cuda when available)")
@@ -100,7 +100,7 @@ def prepare_case(image: sitk.Image, labels: sitk.Image, pipe: PipelineConfig) ->
 def predict(args: argparse.Namespace) -> tuple[list[ZeroShotItem], dict[str, float]]:
     cfg = apply_overrides(load_config(resolve_path(args.config)), args.overrides)
     pipe = load_pipeline_config(resolve_path(cfg["pipeline_config"]))
-    roi, items = load_items(args.items)
+    roi, items = load_items(resolve_path(args.items or cfg["zeroshot_items"]))
     device = torch.device(args.device)
     model, tokenizer = load_eval_model(cfg, args.checkpoint, n_anatomies=pipe.n_anatomies,
                                        text_encoder_dir=args.text_encoder or cfg["paths"]["text_encoder"],

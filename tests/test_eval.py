@@ -172,6 +172,19 @@ def test_default_items_give_the_release_header():
             assert next(csv.reader(f)) == RELEASE_HEADER.split(",")
 
 
+def test_demo_items_differ_from_the_spec_items_only_in_negative_prompts():
+    from utils.zeroshot import load_items
+
+    roi, spec = load_items(REPO / "configs" / "zeroshot_items.yaml")
+    demo_roi, demo = load_items(REPO / "configs" / "zeroshot_items_demo.yaml")
+    assert demo_roi == roi
+    assert [(i.anatomy, i.abnormality, i.positive) for i in demo] == [(i.anatomy, i.abnormality, i.positive) for i in spec]
+    assert all(i.negative.startswith("No ") for i in demo)
+    presets = {name: yaml.safe_load((REPO / "configs" / name).read_text()) for name in ("ctrate.yaml", "demo.yaml")}
+    assert presets["ctrate.yaml"]["zeroshot_items"] == "configs/zeroshot_items.yaml"
+    assert presets["demo.yaml"]["zeroshot_items"] == "configs/zeroshot_items_demo.yaml"
+
+
 def test_prediction_csv_sorted_with_empty_cells_for_absent_anatomy(tmp_path):
     from utils.zeroshot import load_items, write_prediction_csv
 

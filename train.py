@@ -98,6 +98,10 @@ def build_model(cfg: dict[str, Any], n_anatomies: int) -> tuple[FVLM, Any]:
     """FVLM + tokenizer from a resolved config: MAE init of the ViT if ``paths.mae_weights``."""
     m, paths = cfg["model"], cfg["paths"]
     text_encoder, tokenizer = build_text_encoder(paths["text_encoder"], pretrained=m["text_pretrained"])
+    if m.get("freeze_text_encoder", False):
+        if not m["text_pretrained"]:
+            raise SetupError("model.freeze_text_encoder needs model.text_pretrained: a frozen random BERT learns nothing")
+        text_encoder.requires_grad_(False)  # checkpoints then leave its weights out (spec §6)
     model = build_fvlm(m, img_size=cfg["data"]["crop_size"], text_encoder=text_encoder, n_anatomies=n_anatomies)
     if paths["mae_weights"] is not None:
         logger.info("MAE init: %s", load_mae_into_vit(model.visual_encoder, paths["mae_weights"]))

@@ -104,7 +104,10 @@ def filter_state_dict(sd: Mapping[str, Any], model: nn.Module) -> dict[str, torc
     else:
         sd = {k: v for k, v in sd.items() if not k.startswith(_IGNORED_PREFIXES) and k not in _IGNORED_KEYS}
     own = model.state_dict()
-    if _TOKEN_TYPE_KEY in own:
+    # only a checkpoint that carries a text encoder can lack its token-type embeddings; one
+    # trained with the text encoder frozen carries none of it (the model keeps what it loaded)
+    has_text_encoder = any(k.startswith("text_encoder.") for k in sd)
+    if _TOKEN_TYPE_KEY in own and has_text_encoder:
         tt = sd.get(_TOKEN_TYPE_KEY)
         if tt is None or (is_release and tt.shape != own[_TOKEN_TYPE_KEY].shape and not tt.any()):
             sd[_TOKEN_TYPE_KEY] = torch.zeros_like(own[_TOKEN_TYPE_KEY])

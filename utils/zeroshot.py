@@ -73,17 +73,21 @@ def load_eval_model(
 ) -> tuple[FVLM, Any]:
     """(model in eval mode on ``device``, tokenizer) for a preset and a checkpoint.
 
-    The text encoder is built from ``text_encoder_dir``'s config and vocabulary (random init);
-    every weight then comes from the checkpoint (ours or the release layout, ``weights_only``),
+    The text encoder is built from ``text_encoder_dir``'s config and vocabulary (random init, or
+    its weights when the preset froze it in training: ``model.freeze_text_encoder``); every other
+    weight then comes from the checkpoint (ours or the release layout, ``weights_only``),
     which must cover the whole model (``utils.checkpoint.load_model_state(strict=True)``).
     """
     checkpoint = Path(checkpoint)
     if not checkpoint.is_file():
         raise ZeroShotSetupError(f"checkpoint not found: {checkpoint} (set --checkpoint)")
+    # A text encoder frozen in training is not in the checkpoint: its weights come from its directory.
+    frozen_text = bool(cfg["model"].get("freeze_text_encoder", False))
     try:
-        text_encoder, tokenizer = build_text_encoder(resolve_path(text_encoder_dir), pretrained=False)
+        text_encoder, tokenizer = build_text_encoder(resolve_path(text_encoder_dir), pretrained=frozen_text)
     except TextEncoderError as e:
         raise ZeroShotSetupError(f"{e} (set --text-encoder)") from e
+    text_encoder.requires_grad_(not frozen_text)
     model = build_fvlm(cfg["model"], img_size=cfg["data"]["crop_size"], text_encoder=text_encoder,
                        n_anatomies=n_anatomies)
     try:

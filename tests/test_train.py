@@ -12,6 +12,7 @@ import pytest
 import torch
 import yaml
 
+import pretrain_text
 import train
 from data.cache import write_volume
 from utils.checkpoint import load_checkpoint
@@ -67,7 +68,7 @@ def make_config(tmp: Path, model: dict | None = None, **optim) -> Path:
                         output_dir=str(tmp / "out"))
     cfg["data"].update(crop_size=[8, 16, 16], workers=0)
     cfg["model"].update(patch_size=[4, 8, 8], embed_dim=32, depth=3, num_heads=2, out_indices=[0, 1, 2],
-                        text_max_length=32)
+                        text_max_length=32, text_pretrained=False, freeze_text_encoder=False)
     cfg["model"].update(model or {})
     cfg["optim"].update({"lr": 1e-3, "warmup_steps": 2, "epochs": 2, "batch_size": 2, **optim})
     path = tmp / "tiny.yaml"
@@ -176,7 +177,8 @@ def test_torchrun_two_processes(setup):
 
 @pytest.mark.slow
 def test_demo_preset_on_synthetic_pipeline(tmp_path):
-    """Synthetic CT-RATE -> the four pipeline steps (demo config) -> one epoch of configs/demo.yaml."""
+    """Synthetic CT-RATE -> the four pipeline steps (demo config) -> text pre-training -> one epoch of
+    configs/demo.yaml."""
     from data import fix_data, generate_mask, preprocess, resize
     from data.synthetic import generate_dataset
     root = tmp_path / "data"
@@ -186,9 +188,14 @@ def test_demo_preset_on_synthetic_pipeline(tmp_path):
     assert generate_mask.main([*common, "--masks-from", str(root / "totalseg_gt")]) == 0
     assert resize.main(common) == 0
     assert preprocess.main(common) == 0
+    text = tmp_path / "text_encoder"
+    assert pretrain_text.main(["--config", str(REPO / "configs" / "demo.yaml"), "--data-root", str(root),
+                               "--output", str(text), "--no-progress", "text_pretrain.epochs=1",
+                               "text_pretrain.batch_size=4"]) == 0
     out = tmp_path / "out"
     rc = train.main(["--config", str(REPO / "configs" / "demo.yaml"), "--data-root", str(root),
-                     "--output-dir", str(out), "--epochs", "1", "--batch-size", "2", "--workers", "0"])
+                     "--text-encoder", str(text), "--output-dir", str(out), "--epochs", "1", "--batch-size", "2",
+                     "--workers", "0"])
     assert rc == 0
     ckpt = load_checkpoint(out / "checkpoint_0.pth")
     assert ckpt["epoch"] == 0 and ckpt["config"]["data"]["crop_size"] == [40, 64, 96]

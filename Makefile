@@ -8,6 +8,7 @@ STAMP  := $(VENV)/.installed
 DEMO_DIR     ?= demo
 DEMO_DATA    := $(DEMO_DIR)/ctrate
 DEMO_OUT     := $(DEMO_DIR)/output
+DEMO_TEXT    := $(DEMO_DIR)/text_encoder
 DEMO_TRAIN   ?= 1000
 DEMO_VALID   ?= 60
 DEMO_SEED    ?= 0
@@ -23,7 +24,7 @@ $(STAMP): requirements.txt
 	$(PY) -m pip install -q -r requirements.txt
 	touch $(STAMP)
 
-# The whole method on the embedded synthetic CT-RATE: data -> pre-training -> zero-shot -> metrics.
+# The whole method on the embedded synthetic CT-RATE: data -> text encoder -> pre-training -> zero-shot -> metrics.
 demo: $(STAMP)
 	$(PY) -m data.synthetic --out $(DEMO_DATA) --n-train $(DEMO_TRAIN) --n-valid $(DEMO_VALID) --seed $(DEMO_SEED) --workers $(NPROC)
 	for split in train valid; do \
@@ -32,10 +33,13 @@ demo: $(STAMP)
 	  $(PY) -m data.resize $(DATA_ARGS) --split $$split && \
 	  $(PY) -m data.preprocess $(DATA_ARGS) --split $$split || exit 1; \
 	done
+	$(PY) pretrain_text.py --config configs/demo.yaml --data-root $(DEMO_DATA) --output $(DEMO_TEXT)
 	OMP_NUM_THREADS=1 $(VENV)/bin/torchrun --standalone --nproc_per_node=$(NPROC) train.py \
-	  --config configs/demo.yaml --data-root $(DEMO_DATA) --output-dir $(DEMO_OUT) --resume $(DEMO_TRAIN_ARGS)
+	  --config configs/demo.yaml --data-root $(DEMO_DATA) --text-encoder $(DEMO_TEXT) --output-dir $(DEMO_OUT) \
+	  --resume $(DEMO_TRAIN_ARGS)
 	OMP_NUM_THREADS=1 $(VENV)/bin/torchrun --standalone --nproc_per_node=$(NPROC) eval.py \
-	  --config configs/demo.yaml --data-root $(DEMO_DATA) --output-dir $(DEMO_OUT) --output $(DEMO_OUT)/zeroshot_valid.csv
+	  --config configs/demo.yaml --data-root $(DEMO_DATA) --text-encoder $(DEMO_TEXT) --output-dir $(DEMO_OUT) \
+	  --output $(DEMO_OUT)/zeroshot_valid.csv
 	$(PY) calc_metrics.py --csv_file $(DEMO_OUT)/zeroshot_valid.csv --data-root $(DEMO_DATA)
 
 test: $(STAMP)

@@ -89,17 +89,20 @@ def bench(preset: str, batch: int, *, amp: str, steps: int, device: torch.device
           grad_checkpointing: bool = False) -> dict:
     cfg = load_config(REPO_ROOT / "configs" / preset)
     with tempfile.TemporaryDirectory() as tmp:
+        # random weights in the preset's BERT shape (the demo's comes from text_pretrain.init)
         cfg["paths"]["text_encoder"] = str(_word_bert_dir(Path(tmp)) if paper_bert
-                                           else REPO_ROOT / cfg["paths"]["text_encoder"])
+                                           else REPO_ROOT / cfg["text_pretrain"]["init"])
         cfg["paths"]["mae_weights"] = None
         cfg["model"]["text_pretrained"] = False
+        frozen_text = cfg["model"].pop("freeze_text_encoder", False)
         cfg["model"]["grad_checkpointing"] = grad_checkpointing
         torch.manual_seed(0)
         model, tokenizer = build_model(cfg, len(ANATOMIES))
+    model.text_encoder.requires_grad_(not frozen_text)
     model.to(device)
     step_module = TrainStep(model, AnatomyContrastiveLoss(anatomy_names=ANATOMIES), tokenizer,
                             cfg["model"]["text_max_length"])
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
     data = _batch(batch, tuple(cfg["data"]["crop_size"]), device)
     ctx = torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp == "bf16")
     step_module.train()

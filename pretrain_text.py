@@ -18,6 +18,7 @@ import shutil
 import sys
 from pathlib import Path
 
+from data.cache import tmp_path_for
 from data.common import PipelineError, load_pipeline_config
 from data.dataset import CTRateTrainDataset
 from models.text_encoder import TextEncoderError, build_text_encoder
@@ -59,7 +60,7 @@ def run(args: argparse.Namespace) -> Path:
         encoder, tokenizer, texts, epochs=int(settings["epochs"]), lr=float(settings["lr"]),
         batch_size=int(settings["batch_size"]), temperature=float(settings["temperature"]),
         max_length=int(cfg["model"]["text_max_length"]), seed=int(cfg["seed"]), progress=args.progress)
-    tmp = out.with_name(out.name + ".tmp")
+    tmp = tmp_path_for(out)
     shutil.rmtree(tmp, ignore_errors=True)
     encoder.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)

@@ -44,6 +44,7 @@ from typing import Callable, Sequence
 import yaml
 from tqdm import tqdm
 
+from data.cache import tmp_path_for
 from utils.config import resolve_path
 
 logger = logging.getLogger(__name__)
@@ -203,7 +204,7 @@ def failures_csv_path(data_root: Path, step: str, split: str, shard: tuple[int, 
 
 
 def _write_failures(path: Path, failed: list[tuple[str, str]]) -> None:
-    tmp = path.with_name(f".tmp-{path.name}")
+    tmp = tmp_path_for(path)
     with open(tmp, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["volume", "reason"])

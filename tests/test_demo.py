@@ -6,6 +6,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from data.cache import list_volumes
+
 REPO = Path(__file__).resolve().parents[1]
 # Abnormalities that change an anatomy as a whole: an enlarged heart, a fluid rim around it, a
 # stomach above the diaphragm, hyperlucent and hyperinflated lungs. The demo scores them at
@@ -25,5 +27,5 @@ def test_demo_learns_whole_anatomy_abnormalities(tmp_path):
     assert auc.mean() >= 0.9 and (auc > 0.75).all(), metrics["auc"].to_dict()
     # the release's column format, one row per validation reconstruction
     probs = pd.read_csv(tmp_path / "output" / "zeroshot_valid.csv")
-    volumes = list((tmp_path / "ctrate" / "processed_valid_images").glob("*/*/*.nii*"))
+    volumes = list_volumes(tmp_path / "ctrate", "valid")  # what eval.py scores
     assert list(probs.columns)[0] == "file_name" and len(probs.columns) == 17 and len(probs) == len(volumes) > 200

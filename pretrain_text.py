@@ -18,6 +18,8 @@ import shutil
 import sys
 from pathlib import Path
 
+import torch
+
 from data.cache import tmp_path_for
 from data.common import PipelineError, load_pipeline_config
 from data.dataset import CTRateTrainDataset
@@ -55,6 +57,7 @@ def run(args: argparse.Namespace) -> Path:
     dataset = CTRateTrainDataset(data_root, anatomy_names=pipe.anatomy_names, crop_size=cfg["data"]["crop_size"],
                                  split=cfg["data"]["split"])
     texts = [t for per_scan in dataset.texts_to_encode for t in per_scan]
+    torch.manual_seed(int(cfg["seed"]))  # the BERT's random init: the same text encoder on every run
     encoder, tokenizer = build_text_encoder(resolve_path(settings["init"]), pretrained=False)
     losses = pretrain_text_encoder(
         encoder, tokenizer, texts, epochs=int(settings["epochs"]), lr=float(settings["lr"]),

@@ -1,6 +1,7 @@
 """Text pre-training (models/text_pretrain.py, pretrain_text.py) and a frozen pre-trained text
 encoder in training and evaluation."""
 import itertools
+import os
 
 import numpy as np
 import pytest
@@ -95,6 +96,21 @@ def test_pretrain_cli_writes_a_bert_directory_and_keeps_it(pretrained_setup):
     assert (out / "model.safetensors").stat().st_mtime_ns == stamp
     assert pretrain_text.main(["--config", str(cfg), "--no-progress", "--overwrite", "text_pretrain.epochs=1"]) == 0
     assert (out / "model.safetensors").stat().st_mtime_ns != stamp
+
+
+def test_pretrain_cli_is_repeatable(pretrained_setup):
+    """The preset's seed fixes the BERT's random init too, not only the training order."""
+    from safetensors.torch import load_file
+
+    tmp, cfg = pretrained_setup
+    weights = []
+    for _ in range(2):
+        torch.manual_seed(int.from_bytes(os.urandom(4), "little"))  # whatever state the caller left
+        assert pretrain_text.main(["--config", str(cfg), "--no-progress", "--overwrite"]) == 0
+        weights.append(load_file(tmp / "text_encoder" / "model.safetensors"))
+    assert weights[0].keys() == weights[1].keys()
+    for key in weights[0]:
+        assert torch.equal(weights[0][key], weights[1][key]), key
 
 
 def test_pretrain_cli_errors_are_one_line(pretrained_setup, capsys):

@@ -1,7 +1,6 @@
 """Text pre-training (models/text_pretrain.py, pretrain_text.py) and a frozen pre-trained text
 encoder in training and evaluation."""
 import itertools
-import os
 
 import numpy as np
 import pytest
@@ -104,8 +103,8 @@ def test_pretrain_cli_is_repeatable(pretrained_setup):
 
     tmp, cfg = pretrained_setup
     weights = []
-    for _ in range(2):
-        torch.manual_seed(int.from_bytes(os.urandom(4), "little"))  # whatever state the caller left
+    for caller_seed in (1, 2):
+        torch.manual_seed(caller_seed)  # whatever state the caller left the global generator in
         assert pretrain_text.main(["--config", str(cfg), "--no-progress", "--overwrite"]) == 0
         weights.append(load_file(tmp / "text_encoder" / "model.safetensors"))
     assert weights[0].keys() == weights[1].keys()

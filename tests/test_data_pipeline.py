@@ -240,18 +240,19 @@ def test_preprocess_invariants(processed):
 
 
 def test_crop_pad_case_margins_clamp_and_symmetric_pad():
-    cfg = load_pipeline_config("configs/pipeline_demo.yaml")  # margin (2, 5, 5), min (40, 64, 96)
+    cfg = load_pipeline_config("configs/pipeline_demo.yaml")  # margin (2, 5, 5), min (40, 48, 72)
     mask = np.zeros((60, 100, 120), np.uint8)
     mask[10:20, 0:30, 50:60] = 1
     mask[15, 40, 100] = 3
     image = np.full(mask.shape, 100, np.int16)
     out_image, out_mask = preprocess.crop_pad_case(image, mask, cfg)
-    # D: [8, 22) -> 14 voxels, pad 26 -> 13/13; H: [0, 46) (clamped at 0) -> pad 18 -> 9/9;
-    # W: [45, 106) -> 61, pad 35 -> 17/18 (the odd voxel after)
-    assert out_image.shape == (40, 64, 96)
-    assert out_mask[13:27, 9:55, 17:78].sum() == mask.sum() and out_mask.sum() == mask.sum()
-    assert (out_image[13:27, 9:55, 17:78] == 100).all() and (out_image == 100).sum() == 14 * 46 * 61
-    assert (out_image[:13] == cfg.pad_hu).all() and (out_image[:, :, 78:] == cfg.pad_hu).all()
+    # D: [8, 22) -> 14 voxels, pad 26 -> 13/13; H: [0, 46) (clamped at 0) -> pad 2 -> 1/1;
+    # W: [45, 106) -> 61, pad 11 -> 5/6 (the odd voxel after)
+    assert out_image.shape == (40, 48, 72)
+    assert out_mask[13:27, 1:47, 5:66].sum() == mask.sum() and out_mask.sum() == mask.sum()
+    assert (out_image[13:27, 1:47, 5:66] == 100).all() and (out_image == 100).sum() == 14 * 46 * 61
+    assert (out_image[:13] == cfg.pad_hu).all() and (out_image[:, :, 66:] == cfg.pad_hu).all()
+    assert (out_image[:, :1] == cfg.pad_hu).all() and (out_image[:, :, :5] == cfg.pad_hu).all()
     assert scale_hu(np.int16(cfg.pad_hu), cfg.hu_window) == 0.0
     big = np.zeros((80, 100, 120), np.uint8)
     big[1:79, 3:97, 2:118] = 2

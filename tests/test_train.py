@@ -15,6 +15,8 @@ import yaml
 import pretrain_text
 import train
 from data.cache import write_volume
+from data.common import load_pipeline_config
+from data.dataset import CTRateTrainDataset
 from utils.checkpoint import load_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
@@ -188,6 +190,14 @@ def test_demo_preset_on_synthetic_pipeline(tmp_path):
     assert generate_mask.main([*common, "--masks-from", str(root / "totalseg_gt")]) == 0
     assert resize.main(common) == 0
     assert preprocess.main(common) == 0
+    # The demo crop is tight around the phantoms' anatomies: none may be cut (unusable) by it.
+    demo = yaml.safe_load((REPO / "configs" / "demo.yaml").read_text())
+    names = load_pipeline_config(REPO / "configs" / "pipeline_demo.yaml").anatomy_names
+    ds = CTRateTrainDataset(root, anatomy_names=names, crop_size=demo["data"]["crop_size"], flip_prob=0.0,
+                            split="train", seed=0)
+    for epoch in range(5):
+        ds.set_epoch(epoch)
+        assert all(bool(ds[i]["usable"].all()) for i in range(len(ds)))
     text = tmp_path / "text_encoder"
     assert pretrain_text.main(["--config", str(REPO / "configs" / "demo.yaml"), "--data-root", str(root),
                                "--output", str(text), "--no-progress", "text_pretrain.epochs=1",
@@ -198,4 +208,4 @@ def test_demo_preset_on_synthetic_pipeline(tmp_path):
                      "--workers", "0"])
     assert rc == 0
     ckpt = load_checkpoint(out / "checkpoint_0.pth")
-    assert ckpt["epoch"] == 0 and ckpt["config"]["data"]["crop_size"] == [40, 64, 96]
+    assert ckpt["epoch"] == 0 and ckpt["config"]["data"]["crop_size"] == [40, 48, 72]

@@ -1,7 +1,7 @@
 """YAML presets with ``key=value`` command-line overrides.
 
 A preset is a nested mapping. An override names a dotted key that must exist
-in the preset (``optim.lr=3e-4``, ``data.crop_size=[40,64,96]``); its value
+in the preset (``optim.lr=3e-4``, ``data.crop_size=[40,48,72]``); its value
 is parsed as YAML and must have the preset's type (an int is accepted where a
 float is expected; a ``null`` preset value accepts anything). The resolved
 config is written into the run directory so a run can be repeated.

@@ -18,6 +18,7 @@ from data.cache import write_volume
 from data.common import load_pipeline_config
 from data.dataset import CTRateTrainDataset
 from utils.checkpoint import load_checkpoint
+from utils.config import load_config, resolve_path
 
 REPO = Path(__file__).resolve().parents[1]
 NAMES = ["lung", "heart", "esophagus", "aorta"]
@@ -191,8 +192,8 @@ def test_demo_preset_on_synthetic_pipeline(tmp_path):
     assert resize.main(common) == 0
     assert preprocess.main(common) == 0
     # The demo crop is tight around the phantoms' anatomies: none may be cut (unusable) by it.
-    demo = yaml.safe_load((REPO / "configs" / "demo.yaml").read_text())
-    names = load_pipeline_config(REPO / "configs" / "pipeline_demo.yaml").anatomy_names
+    demo = load_config(REPO / "configs" / "demo.yaml")
+    names = load_pipeline_config(resolve_path(demo["pipeline_config"])).anatomy_names
     ds = CTRateTrainDataset(root, anatomy_names=names, crop_size=demo["data"]["crop_size"], flip_prob=0.0,
                             split="train", seed=0)
     for epoch in range(5):

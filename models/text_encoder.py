@@ -7,7 +7,8 @@ projection head (``cls_projection_head.*``). We build a ``transformers.BertConfi
 fields of ``config.json``, a ``BertModel(add_pooling_layer=False)`` from it, and load the
 encoder weights with the ``bert.`` prefix stripped; heads and the pooler are ignored. A plain
 local BERT directory (``model_type: "bert"``, weights with or without ``bert.``) loads the
-same way. The tokenizer is ``BertTokenizerFast.from_pretrained(dir)`` (never
+same way. Every encoder built here adds no token-type embedding (``omit_token_type_term``), as
+the release's BERT, whatever the table holds. The tokenizer is ``BertTokenizerFast.from_pretrained(dir)`` (never
 ``BertTokenizerFast(vocab_file=...)``, which transformers 5 silently ignores).
 """
 from __future__ import annotations
@@ -96,6 +97,24 @@ def encoder_state_dict(sd: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Ten
     return out, ignored
 
 
+def _zero_token_type_term(module: torch.nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+    return torch.zeros_like(output)
+
+
+def omit_token_type_term(model: BertModel) -> BertModel:
+    """Make ``model``'s embeddings skip the token-type term, whatever its table holds (spec §6).
+
+    The release calls its BERT with ``token_type_ids=None`` and its embedding layer then adds
+    no token-type embedding; ``transformers.BertModel`` adds row 0 of the table instead, which
+    is not zero in CXR-BERT. A forward hook replaces the table's output by zeros (``x + 0`` is
+    exact), and the table is frozen: it gets no gradient, so the optimizer and DDP never see it.
+    """
+    table = model.embeddings.token_type_embeddings
+    table.weight.requires_grad_(False)
+    table.register_forward_hook(_zero_token_type_term)
+    return model
+
+
 def load_tokenizer(path: str | Path) -> BertTokenizerFast:
     """WordPiece tokenizer of a local BERT directory (needs ``vocab.txt``), offline."""
     path = Path(path)
@@ -113,7 +132,7 @@ def load_text_encoder(path: str | Path, *, allow_missing: bool = False) -> tuple
     """
     path = Path(path)
     config = _read_config(path)
-    model = BertModel(config, add_pooling_layer=False)
+    model = omit_token_type_term(BertModel(config, add_pooling_layer=False))
     weights, ignored = encoder_state_dict(_read_weights(path))
     result = model.load_state_dict(weights, strict=False)
     if result.unexpected_keys:
@@ -136,5 +155,5 @@ def build_text_encoder(config_dir: str | Path, pretrained: bool = False) -> tupl
     if pretrained:
         return load_text_encoder(config_dir)
     path = Path(config_dir)
-    model = BertModel(_read_config(path), add_pooling_layer=False)
+    model = omit_token_type_term(BertModel(_read_config(path), add_pooling_layer=False))
     return model, load_tokenizer(path)

@@ -60,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
     if args.overwrite:
         output.unlink(missing_ok=True)
         partial_path(output).unlink(missing_ok=True)
-    emb, failures = compute_image_embeddings(s.extractor, volumes, output, checkpoint=str(s.checkpoint),
+    emb, failures = compute_image_embeddings(s.extractor, volumes, output, source=s.source,
                                              save_every=args.save_every, progress=args.progress)
     failures_csv = output.with_name(output.stem + "_failures.csv")
     write_failures_csv(failures_csv, failures)

@@ -81,9 +81,10 @@ def report_texts(path: Path, names: list[str]) -> list[str | None]:
 def text_features(s, names: list[str], kind: str, reports: Path, cache: Path, progress: bool
                   ) -> tuple[np.ndarray, np.ndarray]:
     """(features (M, A', E), present (M, A')) of the reports of ``names``; cached in ``cache``."""
+    key = f"{s.source} texts {kind} {reports if kind == 'report' else s.data_root.resolve()}"
     if cache.is_file():
         with np.load(cache) as z:
-            if [str(n) for n in z["names"]] == names:
+            if str(z["source"]) == key and [str(n) for n in z["names"]] == names:
                 return z["features"], z["present"]
     max_length = int(s.cfg["model"]["text_max_length"])
     encode = lambda batch: s.model.encode_texts(batch, s.tokenizer, max_length, device=s.device)  # noqa: E731
@@ -104,7 +105,7 @@ def text_features(s, names: list[str], kind: str, reports: Path, cache: Path, pr
     cache.parent.mkdir(parents=True, exist_ok=True)
     tmp = cache.with_name(f".tmp-{cache.name}")
     with open(tmp, "wb") as f:
-        np.savez(f, names=np.asarray(names, dtype=str), features=out, present=present)
+        np.savez(f, names=np.asarray(names, dtype=str), features=out, present=present, source=np.asarray(key))
     os.replace(tmp, cache)
     return out, present
 
@@ -120,7 +121,7 @@ def run(args: argparse.Namespace) -> pd.DataFrame:
     s = setup_features(args)
     stem = f"{s.checkpoint.stem}_{args.split}"
     emb_path = args.embeddings or Path("res") / f"embed_{stem}.npz"
-    emb, failures = compute_image_embeddings(s.extractor, s.volumes, emb_path, checkpoint=str(s.checkpoint),
+    emb, failures = compute_image_embeddings(s.extractor, s.volumes, emb_path, source=s.source,
                                              progress=args.progress)
     for name, reason in failures:
         logger.warning("left out %s: %s", name, reason)

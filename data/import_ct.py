@@ -1,14 +1,15 @@
 """Step 1 for data that is not CT-RATE: CT volumes already in HU -> ``{split}_fixed/``, like ``fix_data``.
 
 Inputs: ``--input`` is a folder, or a CSV listing volumes (column ``path``, relative to
-the CSV's folder or absolute, and optionally ``id``). In a folder every entry is one
+the CSV's folder or absolute; optionally ``id``, and ``spacing_x``, ``spacing_y``, ``spacing_z``
+in mm for NPZ files that do not hold their spacing). In a folder every entry is one
 volume: a ``.nii``/``.nii.gz`` file, a ``.npz`` file, or a folder holding one DICOM series.
 
 - NIfTI and DICOM: HU values and geometry are read from the file (SimpleITK; a DICOM
   series gets its RescaleSlope/Intercept applied by GDCM).
 - NPZ (the format of Rad-ChestCT): the array under ``ct`` (or the file's only array), laid
   out ``(z, y, x)``, and its voxel spacing under ``spacing``, ordered as ``--npz-spacing-order``
-  says (``zyx`` by default, the array's order). Optional keys ``origin`` (x, y, z mm) and
+  says (``zyx`` by default, the array's order), or else the listing's spacing columns. Optional keys ``origin`` (x, y, z mm) and
   ``direction`` (9 floats, SimpleITK order); without ``direction`` the array is taken as
   +x = patient left, +y = posterior, +z = superior (CT-RATE's orientation).
 
@@ -61,6 +62,7 @@ class Source:
 
     id: str
     path: Path
+    spacing_xyz: tuple[float, float, float] | None = None  # from a listing, for NPZ without 'spacing'
 
 
 def volume_name(split: str, volume_id: str) -> str:
@@ -94,6 +96,18 @@ def _checked(sources: list[Source], where: Path) -> list[Source]:
     return sources
 
 
+def _listed_spacing(row: dict[str, str], listing: Path) -> tuple[float, float, float] | None:
+    cells = [row.get(f"spacing_{axis}") for axis in "xyz"]
+    if not any(cells):
+        return None
+    try:
+        x, y, z = (float(c) for c in cells)
+    except (TypeError, ValueError):
+        raise PipelineError(f"{listing}: row {row.get('path')!r} needs numbers in spacing_x, spacing_y, spacing_z, "
+                            f"got {cells}") from None
+    return x, y, z
+
+
 def list_sources(input_path: str | Path) -> list[Source]:
     """Volumes of a folder (NIfTI / NPZ files, DICOM series folders) or of a CSV listing."""
     input_path = Path(input_path)
@@ -107,7 +121,7 @@ def list_sources(input_path: str | Path) -> list[Source]:
         for row in rows:
             path = Path(row["path"])
             path = path if path.is_absolute() else input_path.parent / path
-            sources.append(Source(row.get("id") or _source_id(path), path))
+            sources.append(Source(row.get("id") or _source_id(path), path, _listed_spacing(row, input_path)))
         return _checked(sources, input_path)
     if not input_path.is_dir():
         raise PipelineError(f"input not found: {input_path} (set --input to a folder or a CSV listing)")
@@ -139,7 +153,7 @@ def read_dicom_series(folder: Path) -> sitk.Image:
     return image
 
 
-def read_npz(path: Path, spacing_order: str = "zyx") -> sitk.Image:
+def read_npz(path: Path, spacing_order: str = "zyx", listed_spacing_xyz: Sequence[float] | None = None) -> sitk.Image:
     """An NPZ volume (module docstring) as a SimpleITK image with its geometry."""
     try:
         with np.load(path) as npz:
@@ -150,10 +164,14 @@ def read_npz(path: Path, spacing_order: str = "zyx") -> sitk.Image:
     key = NPZ_ARRAY_KEY if NPZ_ARRAY_KEY in arrays else (volumes[0] if len(volumes) == 1 else None)
     if key is None or arrays[key].ndim != 3:
         raise CaseError(f"NPZ {path.name} has no 3D array '{NPZ_ARRAY_KEY}' (keys: {sorted(arrays)})")
-    if NPZ_SPACING_KEY not in arrays or arrays[NPZ_SPACING_KEY].size != 3:
-        raise CaseError(f"NPZ {path.name} has no 3-number '{NPZ_SPACING_KEY}' (keys: {sorted(arrays)})")
-    spacing = [float(v) for v in arrays[NPZ_SPACING_KEY].ravel()]
-    spacing_xyz = spacing[::-1] if spacing_order == "zyx" else spacing
+    if NPZ_SPACING_KEY in arrays and arrays[NPZ_SPACING_KEY].size == 3:
+        spacing = [float(v) for v in arrays[NPZ_SPACING_KEY].ravel()]
+        spacing_xyz = spacing[::-1] if spacing_order == "zyx" else spacing
+    elif listed_spacing_xyz is not None:
+        spacing = spacing_xyz = list(listed_spacing_xyz)
+    else:
+        raise CaseError(f"NPZ {path.name} has no 3-number '{NPZ_SPACING_KEY}' (keys: {sorted(arrays)}): "
+                        "add it, or list the file in a CSV with spacing_x, spacing_y, spacing_z")
     if not all(np.isfinite(spacing_xyz)) or min(spacing_xyz) <= 0:
         raise CaseError(f"NPZ {path.name}: spacing must be 3 positive numbers, got {spacing}")
     image = sitk.GetImageFromArray(arrays[key])
@@ -168,20 +186,22 @@ def read_npz(path: Path, spacing_order: str = "zyx") -> sitk.Image:
     return image
 
 
-def read_source(path: Path, *, npz_spacing_order: str = "zyx") -> sitk.Image:
+def read_source(path: Path, *, npz_spacing_order: str = "zyx",
+                listed_spacing_xyz: Sequence[float] | None = None) -> sitk.Image:
     """SimpleITK image (HU, true geometry) of one source volume of any supported format."""
     if path.is_dir():
         return read_dicom_series(path)
     if path.name.endswith(".npz"):
         if not path.is_file():
             raise CaseError(f"missing NPZ: {path}")
-        return read_npz(path, npz_spacing_order)
+        return read_npz(path, npz_spacing_order, listed_spacing_xyz)
     return read_sitk(path)
 
 
-def import_case(src: Path, dst: Path, *, npz_spacing_order: str = "zyx", compresslevel: int = 0) -> dict:
+def import_case(source: Source, dst: Path, *, npz_spacing_order: str = "zyx", compresslevel: int = 0) -> dict:
     """Read one volume, reorient it to the canonical axes and write ``dst`` (int16 HU)."""
-    image = sitk.DICOMOrient(read_source(src, npz_spacing_order=npz_spacing_order), CANONICAL_ORIENTATION)
+    image = read_source(source.path, npz_spacing_order=npz_spacing_order, listed_spacing_xyz=source.spacing_xyz)
+    image = sitk.DICOMOrient(image, CANONICAL_ORIENTATION)
     hu = to_hu(sitk.GetArrayViewFromImage(image), 1.0, 0.0)  # (D, H, W)
     write_volume(dst, hu, image.GetSpacing(), image.GetOrigin(), image.GetDirection(), compresslevel=compresslevel)
     return {"shape_dhw": hu.shape, "spacing_xyz": image.GetSpacing()}
@@ -196,7 +216,7 @@ def run(input_path: str | Path, data_root: str | Path, split: str, *, overwrite:
     for source in list_sources(input_path):
         name = volume_name(split, source.id)
         dst = root / f"{split}_fixed" / volume_relpath(name)
-        tasks.append(Task(name, (dst,), partial(import_case, source.path, dst, npz_spacing_order=npz_spacing_order,
+        tasks.append(Task(name, (dst,), partial(import_case, source, dst, npz_spacing_order=npz_spacing_order,
                                                 compresslevel=compresslevel)))
     return run_tasks("import", split, root, tasks, overwrite=overwrite, workers=workers, shard=shard, pbar=pbar)
 

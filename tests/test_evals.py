@@ -11,6 +11,7 @@ import SimpleITK as sitk
 import yaml
 
 from data import import_ct
+from data.common import PipelineError
 from data.labels_map import LabelsMapError, map_external_labels
 from data.synthetic_external import write_dicom_series, write_nifti_ras, write_npz
 from tests.test_eval import eval_setup  # noqa: F401  (tiny preset, random checkpoint, fake cache of 3 volumes)
@@ -74,6 +75,15 @@ def test_npz_spacing_order_and_csv_listing_with_ids(tmp_path):
     img = sitk.ReadImage(str(root / "valid_fixed/valid_rc-001/valid_rc-001_a/valid_rc-001_a_1.nii.gz"))
     np.testing.assert_array_equal(sitk.GetArrayFromImage(img), hu)
     np.testing.assert_allclose(img.GetSpacing(), SPACING)
+    # spacing from the listing when the NPZ has none
+    np.savez(tmp_path / "bare.npz", ct=hu)
+    (tmp_path / "list2.csv").write_text("path,spacing_x,spacing_y,spacing_z\nbare.npz,0.8,0.7,2.5\n")
+    assert import_ct.run(tmp_path / "list2.csv", root, "valid", pbar=False).processed == 1
+    img = sitk.ReadImage(str(root / "valid_fixed/valid_bare/valid_bare_a/valid_bare_a_1.nii.gz"))
+    np.testing.assert_allclose(img.GetSpacing(), SPACING)
+    (tmp_path / "list3.csv").write_text("path,spacing_x,spacing_y,spacing_z\nbare.npz,0.8,,2.5\n")
+    with pytest.raises(PipelineError, match="needs numbers in spacing_x"):
+        import_ct.list_sources(tmp_path / "list3.csv")
 
 
 def test_importer_bad_inputs_are_failed_cases_or_exit_2(tmp_path, caplog):

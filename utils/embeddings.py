@@ -10,9 +10,9 @@ the code path eval.py scores with):
 - ``present`` (N, A) bool; absent anatomies hold NaN.
 
 Written as ONE ``.npz`` per run (``names``, ``anatomies``, ``projected``, ``pooled``,
-``present``, ``checkpoint``), atomically. Resumable: every ``save_every`` volumes the
-features so far go to ``.partial-{name}`` beside it; a rerun with the same checkpoint picks
-them up and computes only the rest; the finished file replaces the partial one.
+``present``, ``source``: checkpoint, data root and window size), atomically. Resumable: every
+``save_every`` volumes the features so far go to ``.partial-{name}`` beside it; a rerun with the
+same source picks them up and computes only the rest; the finished file replaces the partial one.
 """
 from __future__ import annotations
 
@@ -59,7 +59,7 @@ class ImageEmbeddings:
     projected: np.ndarray  # (N, A, E) float32, NaN where absent
     pooled: np.ndarray  # (N, A, C) float32, NaN where absent
     present: np.ndarray  # (N, A) bool
-    checkpoint: str
+    source: str  # what made the features: checkpoint, data root, window size
 
     def save(self, path: Path) -> None:
         """Atomic ``np.savez`` (``.tmp-`` sibling, then ``os.replace``)."""
@@ -68,7 +68,7 @@ class ImageEmbeddings:
         with open(tmp, "wb") as f:
             np.savez(f, names=np.asarray(self.names, dtype=str), anatomies=np.asarray(self.anatomies, dtype=str),
                      projected=self.projected, pooled=self.pooled, present=self.present,
-                     checkpoint=np.asarray(self.checkpoint))
+                     source=np.asarray(self.source))
         os.replace(tmp, path)
 
     @classmethod
@@ -76,7 +76,7 @@ class ImageEmbeddings:
         try:
             with np.load(path) as z:
                 return cls([str(n) for n in z["names"]], [str(a) for a in z["anatomies"]], z["projected"],
-                           z["pooled"], z["present"].astype(bool), str(z["checkpoint"]))
+                           z["pooled"], z["present"].astype(bool), str(z["source"]))
         except (OSError, KeyError, ValueError, EOFError) as exc:
             raise EmbeddingsFileError(f"not an embeddings file of embed.py: {path} ({exc})") from None
 
@@ -84,7 +84,7 @@ class ImageEmbeddings:
         index = {n: i for i, n in enumerate(self.names)}
         rows = [index[n] for n in names]
         return ImageEmbeddings(list(names), self.anatomies, self.projected[rows], self.pooled[rows],
-                               self.present[rows], self.checkpoint)
+                               self.present[rows], self.source)
 
 
 def scan_of(name: str) -> str:
@@ -124,7 +124,7 @@ def partial_path(path: Path) -> Path:
 
 
 def compute_image_embeddings(extract: AnatomyFeatureExtractor, volumes: Sequence[Path], out_path: Path, *,
-                             checkpoint: str, save_every: int = 50, progress: bool = True
+                             source: str, save_every: int = 50, progress: bool = True
                              ) -> tuple[ImageEmbeddings, list[tuple[str, str]]]:
     """Features of ``volumes`` written to ``out_path`` (resumable, module docstring); (embeddings, failures)."""
     out_path = Path(out_path)
@@ -133,8 +133,8 @@ def compute_image_embeddings(extract: AnatomyFeatureExtractor, volumes: Sequence
     for previous in (out_path, partial_path(out_path)):
         if previous.is_file():
             old = ImageEmbeddings.load(previous)
-            if old.checkpoint != checkpoint or old.anatomies != extract.anatomies:
-                logger.warning("%s is from %s, not %s: recomputing", previous, old.checkpoint, checkpoint)
+            if old.source != source or old.anatomies != extract.anatomies:
+                logger.warning("%s is from %s, not %s: recomputing", previous, old.source, source)
                 continue
             done.update({n: (old.projected[i], old.pooled[i], old.present[i]) for i, n in enumerate(old.names)})
     todo = [(v, n) for v, n in zip(volumes, wanted) if n not in done]
@@ -147,7 +147,7 @@ def compute_image_embeddings(extract: AnatomyFeatureExtractor, volumes: Sequence
         return ImageEmbeddings(list(names), extract.anatomies,
                                np.stack([r[0] for r in rows]) if rows else np.zeros((0, a, e), np.float32),
                                np.stack([r[1] for r in rows]) if rows else np.zeros((0, a, c), np.float32),
-                               np.stack([r[2] for r in rows]) if rows else np.zeros((0, a), bool), checkpoint)
+                               np.stack([r[2] for r in rows]) if rows else np.zeros((0, a), bool), source)
 
     failures: list[tuple[str, str]] = []
     for k, (path, name) in enumerate(tqdm(todo, desc="embed", disable=not progress), start=1):
@@ -223,6 +223,7 @@ class FeatureSetup:
     model: Any
     tokenizer: Any
     device: torch.device
+    source: str  # identifies the features (ImageEmbeddings.source)
 
 
 def setup_features(args: argparse.Namespace) -> FeatureSetup:
@@ -245,5 +246,6 @@ def setup_features(args: argparse.Namespace) -> FeatureSetup:
     model, tokenizer = load_model(cfg, checkpoint, n_anatomies=pipe.n_anatomies,
                                   text_encoder_dir=args.text_encoder or cfg["paths"]["text_encoder"], device=device)
     extractor = AnatomyFeatureExtractor(model, pipe.anatomy_names, roi, pipe.hu_window, device)
+    source = f"{Path(checkpoint).resolve()} on {Path(data_root).resolve()} roi {list(roi)}"
     return FeatureSetup(cfg, pipe.anatomy_names, Path(data_root), Path(checkpoint), volumes, extractor, model,
-                        tokenizer, device)
+                        tokenizer, device, source)

@@ -325,6 +325,12 @@ def test_external_set_end_to_end_through_the_pipeline_and_every_evaluation(eval_
                        str(REPO / "configs" / "zeroshot_items_demo.yaml")]) == 0
     probe_report = pd.read_csv(emb.with_name("emb_probe_pooled.csv"))
     assert list(probe_report.columns) == list(report.columns) and len(probe_report) == 10
+    train = tmp_path / "train.txt"
+    train.write_text("\n".join(import_ct.volume_name("valid", i) for i in sorted(formats)[:4]) + "\n")
+    out = tmp_path / "given_split.csv"
+    assert probe.main(["--embeddings", str(emb), "--labels", str(ext / "labels.csv"), "--labels-map",
+                       str(labels_map), "--train-list", str(train), "--output", str(out)]) == 0
+    assert pd.read_csv(out)["n"].tolist() == [2] * 10  # fitted on 4, the other 2 scored
 
 
 def _reports_csv(ext: Path, tmp: Path) -> Path:

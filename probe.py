@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 import warnings
 from pathlib import Path
@@ -30,6 +29,7 @@ from utils.embeddings import FEATURE_KINDS, EmbeddingsFileError, ImageEmbeddings
 from utils.metrics import (LABEL_KEY, MetricsInputError, ScoringTable, SingleClassWarning, compute_metrics,
                            format_report, read_labels)
 from utils.probe import ProbeError, cross_validated_probs, design_matrix, fit_predict
+from utils.tables import write_table
 from utils.zeroshot import ZeroShotSetupError, load_items
 
 logger = logging.getLogger("probe")
@@ -115,14 +115,9 @@ def run(args: argparse.Namespace) -> pd.DataFrame:
     how = f"{args.folds}-fold CV by patient" if train is None else f"fit on {int(train.sum())} listed volumes"
     title = (f"Linear probe of `{args.embeddings.name}` ({args.features} features, {args.anatomies} anatomies, "
              f"{how}, C={args.c}, {len(table.file_names)} scored volumes, labels `{args.labels}`)")
-    for path, text in ((output, report.to_csv(index=False)),
-                       (output.with_suffix(".md"), title + "\n\n" + format_report(report, markdown=True))):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".tmp-{path.name}")
-        tmp.write_text(text)
-        os.replace(tmp, path)
+    md = write_table(output, report.to_csv(index=False), title + "\n\n" + format_report(report, markdown=True))
     print(format_report(report), end="")
-    logger.info("wrote %s and %s", output, output.with_suffix(".md"))
+    logger.info("wrote %s and %s", output, md)
     return report
 
 

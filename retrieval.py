@@ -32,6 +32,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from data.cache import tmp_path_for
 from data.common import PipelineError
 from utils.config import ConfigError
 from utils.embeddings import (
@@ -44,6 +45,7 @@ from utils.embeddings import (
     setup_features,
 )
 from utils.retrieval import anatomy_similarity, evaluate_both_directions, format_table
+from utils.tables import write_table
 from utils.zeroshot import ZeroShotSetupError
 
 logger = logging.getLogger("retrieval")
@@ -103,7 +105,7 @@ def text_features(s, names: list[str], kind: str, reports: Path, cache: Path, pr
     out[rows] = feats.reshape(len(rows), width, -1)
     present[rows] = True
     cache.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cache.with_name(f".tmp-{cache.name}")
+    tmp = tmp_path_for(cache)
     with open(tmp, "wb") as f:
         np.savez(f, names=np.asarray(names, dtype=str), features=out, present=present, source=np.asarray(key))
     os.replace(tmp, cache)
@@ -148,16 +150,11 @@ def run(args: argparse.Namespace) -> pd.DataFrame:
             rows += evaluate_both_directions(sim, groups, groups, anatomy)
     table = pd.DataFrame(rows)
     output = args.output or Path("res") / f"retrieval_{stem}_{args.texts}.csv"
-    output.parent.mkdir(parents=True, exist_ok=True)
-    for path, text in ((output, table.to_csv(index=False)),
-                       (output.with_suffix(".md"),
-                        f"Retrieval of `{s.checkpoint}` on {args.split} ({len(names)} volumes, {args.texts} texts; "
-                        "chance in brackets)\n\n" + format_table(table, markdown=True))):
-        tmp = path.with_name(f".tmp-{path.name}")
-        tmp.write_text(text)
-        os.replace(tmp, path)
+    title = (f"Retrieval of `{s.checkpoint}` on {args.split} ({len(names)} volumes, {args.texts} texts; "
+             "chance in brackets)")
+    md = write_table(output, table.to_csv(index=False), title + "\n\n" + format_table(table, markdown=True))
     print(format_table(table), end="")
-    logger.info("wrote %s and %s", output, output.with_suffix(".md"))
+    logger.info("wrote %s and %s", output, md)
     return table
 
 

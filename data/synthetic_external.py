@@ -33,7 +33,7 @@ if __package__ in (None, ""):  # run as `python synthetic_external.py` from insi
 import numpy as np
 import SimpleITK as sitk
 
-from data.cache import write_volume
+from data.cache import tmp_path_for, write_volume
 from data.common import nii_stem, volume_relpath
 from data.import_ct import volume_name
 from data.synthetic import (_TEXT, SIMULATED, _rngs, _write_text, load_anatomies, scan_phantom, scan_texts,
@@ -74,7 +74,7 @@ def write_npz(path: Path, hu: np.ndarray, spacing_xyz, origin_xyz) -> None:
     d = hu.shape[0]
     top = (origin_xyz[0], origin_xyz[1], origin_xyz[2] + (d - 1) * spacing_xyz[2])
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp-{path.name}")
+    tmp = tmp_path_for(path)
     with open(tmp, "wb") as f:
         np.savez_compressed(f, ct=hu[::-1], spacing=np.asarray(spacing_xyz[::-1]), origin=np.asarray(top),
                             direction=np.diag([1.0, 1.0, -1.0]).ravel())
@@ -110,7 +110,7 @@ def write_nifti_ras(path: Path, hu: np.ndarray, spacing_xyz, origin_xyz) -> None
                    origin_xyz[2]))
     img.SetDirection((-1.0, 0.0, 0.0, 0.0, -1.0, 0.0, 0.0, 0.0, 1.0))
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(".tmp-" + path.name)
+    tmp = tmp_path_for(path)
     sitk.WriteImage(img, str(tmp))
     tmp.replace(path)
 

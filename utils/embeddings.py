@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from data.cache import VolumeReadError, list_volumes, scale_hu
+from data.cache import VolumeReadError, list_volumes, scale_hu, tmp_path_for
 from data.common import load_pipeline_config, nii_stem
 from data.texts import compose_anatomy_text, text_for_encoding
 from eval import read_case, volume_name  # eval.py's reading of a processed case (one place; re-point with eval's I/O)
@@ -64,7 +64,7 @@ class ImageEmbeddings:
     def save(self, path: Path) -> None:
         """Atomic ``np.savez`` (``.tmp-`` sibling, then ``os.replace``)."""
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".tmp-{path.name}")
+        tmp = tmp_path_for(path)
         with open(tmp, "wb") as f:
             np.savez(f, names=np.asarray(self.names, dtype=str), anatomies=np.asarray(self.anatomies, dtype=str),
                      projected=self.projected, pooled=self.pooled, present=self.present,

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import csv
 import re
+from collections import Counter
 import sys
 from dataclasses import dataclass
 from functools import partial
@@ -89,8 +90,7 @@ def _checked(sources: list[Source], where: Path) -> list[Source]:
     if bad:
         raise PipelineError(f"{where}: ids {bad[:3]} must hold only letters, digits, '-' or '.' "
                             "(rename them or give an 'id' column in a CSV listing)")
-    seen: set[str] = set()
-    dup = sorted({s.id for s in sources if s.id in seen or seen.add(s.id)})
+    dup = sorted(i for i, n in Counter(s.id for s in sources).items() if n > 1)
     if dup:
         raise PipelineError(f"{where}: ids {dup[:3]} occur twice (give an 'id' column in a CSV listing)")
     return sources
@@ -189,11 +189,11 @@ def read_npz(path: Path, spacing_order: str = "zyx", listed_spacing_xyz: Sequenc
 def read_source(path: Path, *, npz_spacing_order: str = "zyx",
                 listed_spacing_xyz: Sequence[float] | None = None) -> sitk.Image:
     """SimpleITK image (HU, true geometry) of one source volume of any supported format."""
+    if not path.exists():
+        raise CaseError(f"missing input: {path}")
     if path.is_dir():
         return read_dicom_series(path)
     if path.name.endswith(".npz"):
-        if not path.is_file():
-            raise CaseError(f"missing NPZ: {path}")
         return read_npz(path, npz_spacing_order, listed_spacing_xyz)
     return read_sitk(path)
 

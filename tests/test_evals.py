@@ -84,6 +84,9 @@ def test_npz_spacing_order_and_csv_listing_with_ids(tmp_path):
     (tmp_path / "list3.csv").write_text("path,spacing_x,spacing_y,spacing_z\nbare.npz,0.8,,2.5\n")
     with pytest.raises(PipelineError, match="needs numbers in spacing_x"):
         import_ct.list_sources(tmp_path / "list3.csv")
+    (tmp_path / "list4.csv").write_text("path\ngone.nii.gz\n")
+    summary = import_ct.run(tmp_path / "list4.csv", root, "valid", pbar=False)
+    assert summary.failed == [("valid_gone_a_1.nii.gz", f"missing input: {tmp_path / 'gone.nii.gz'}")]
 
 
 def test_importer_bad_inputs_are_failed_cases_or_exit_2(tmp_path, caplog):

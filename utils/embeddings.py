@@ -73,6 +73,8 @@ class ImageEmbeddings:
 
     @classmethod
     def load(cls, path: str | Path) -> "ImageEmbeddings":
+        if not Path(path).is_file():
+            raise EmbeddingsFileError(f"embeddings file not found: {path} (set --embeddings; embed.py writes it)")
         try:
             with np.load(path) as z:
                 return cls([str(n) for n in z["names"]], [str(a) for a in z["anatomies"]], z["projected"],

@@ -2,6 +2,7 @@
 
     python calc_metrics.py --csv_file res/checkpoint_19.csv [--labels PATH | --data-root data]
                            [--bootstrap 1000] [--seed 0]
+    python calc_metrics.py --csv_file res/radchest.csv --labels LABELS.csv --labels-map configs/labels/radchestct.yaml
 
 Reads a CSV written by eval.py or by the fVLM release (``file_name`` + one
 column per item ``{anatomy}_{abnormality}_{negative}_{positive}``), prints the
@@ -19,6 +20,7 @@ import sys
 import warnings
 from pathlib import Path
 
+from data.labels_map import LabelsMapError, map_external_labels
 from utils.metrics import (
     MetricsInputError,
     SingleClassWarning,
@@ -47,6 +49,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--bootstrap", type=int, default=0, metavar="N",
                    help="95%% CIs from N resamples of the volumes (default 0: none)")
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
+    p.add_argument("--labels-map", type=Path, default=None,
+                   help="YAML mapping an external dataset's label columns to the items (configs/labels/)")
     return p
 
 
@@ -59,9 +63,16 @@ def output_paths(csv_file: Path) -> dict[str, Path]:
     }
 
 
-def run(csv_file: Path, labels_path: Path, *, bootstrap: int = 0, seed: int = 0):
+def run(csv_file: Path, labels_path: Path, *, bootstrap: int = 0, seed: int = 0, labels_map: Path | None = None):
     """Compute, print and save the report; returns it as a DataFrame."""
-    table = align(read_predictions(csv_file), read_labels(labels_path))
+    predictions = read_predictions(csv_file)
+    if labels_map is None:
+        labels = read_labels(labels_path)
+    else:
+        predictions, labels, notes = map_external_labels(predictions, labels_path, labels_map)
+        for note in notes:
+            logger.warning("%s", note)
+    table = align(predictions, labels)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", SingleClassWarning)
         report = compute_metrics(table)
@@ -89,8 +100,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     labels = args.labels if args.labels is not None else args.data_root / LABELS_RELPATH
     try:
-        run(args.csv_file, labels, bootstrap=args.bootstrap, seed=args.seed)
-    except MetricsInputError as e:
+        run(args.csv_file, labels, bootstrap=args.bootstrap, seed=args.seed, labels_map=args.labels_map)
+    except (MetricsInputError, LabelsMapError) as e:
         print(f"calc_metrics: error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -1,0 +1,175 @@
+"""Report <-> volume retrieval on a split: every volume against every report (metrics in utils/retrieval.py).
+
+    python retrieval.py --config configs/demo.yaml --checkpoint demo/output/checkpoint_17.pth --split valid
+    python retrieval.py ... --texts report      # whole-report variant (free-text reports only)
+
+Texts (``--texts``):
+- ``anatomy`` (default): the spec §3 text of each anatomy of the volume's scan, from
+  ``<data-root>/desc_info.json`` and ``conc_info.json``, encoded as in training; a volume is
+  compared with a report on the anatomies present in its mask (all four have a text);
+- ``report``: the whole report (``Findings_EN`` + " " + ``Impressions_EN`` of
+  ``--reports``, default ``<data-root>/radiology_text_reports/validation_reports.csv``,
+  truncated at the model's ``text_max_length``) against the normalised mean of the volume's
+  anatomy features. fVLM never trains on this pairing: expect lower figures.
+
+Image features come from ``--embeddings`` (default ``res/embed_<checkpoint>_<split>.npz``), the
+file embed.py writes; it is computed (resumably) when missing, and reused afterwards. Text
+features are cached beside it (``..._texts_<kind>.npz``).
+Writes ``--output`` (default ``res/retrieval_<checkpoint>_<split>_<texts>.csv``) and a ``.md``
+twin; prints the table with chance level in brackets, overall and per anatomy.
+Exit status: 0 on success, 2 when it could not start.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from data.cache import tmp_path_for
+from data.common import PipelineError
+from utils.config import ConfigError
+from utils.embeddings import (
+    EmbeddingsFileError,
+    anatomy_texts,
+    compute_image_embeddings,
+    encode_texts,
+    model_args_parser,
+    scan_of,
+    setup_features,
+)
+from utils.retrieval import anatomy_similarity, evaluate_both_directions, format_table
+from utils.tables import write_table
+from utils.zeroshot import ZeroShotSetupError
+
+logger = logging.getLogger("retrieval")
+REPORTS_RELPATH = {"valid": "radiology_text_reports/validation_reports.csv",
+                   "train": "radiology_text_reports/train_reports.csv"}
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser("fVLM retrieval", parents=[model_args_parser()], add_help=False)
+    p.add_argument("--texts", choices=("anatomy", "report"), default="anatomy",
+                   help="anatomy-wise spec §3 texts (default) or whole free-text reports")
+    p.add_argument("--reports", type=Path, help="reports CSV for --texts report (default: the split's CT-RATE CSV)")
+    p.add_argument("--embeddings", type=Path, help="image features of embed.py (computed if missing)")
+    p.add_argument("--output", type=Path, help="table CSV (default: res/retrieval_<checkpoint>_<split>_<texts>.csv)")
+    return p
+
+
+def _read_json(path: Path) -> dict:
+    if not path.is_file():
+        raise ZeroShotSetupError(f"{path} not found: retrieval needs the split's anatomy-wise reports (set --data-root)")
+    return json.loads(path.read_text())
+
+
+def report_texts(path: Path, names: list[str]) -> list[str | None]:
+    """Findings + impressions of each volume's report row; None when it has none."""
+    if not path.is_file():
+        raise ZeroShotSetupError(f"reports CSV not found: {path} (set --reports)")
+    df = pd.read_csv(path).drop_duplicates("VolumeName").set_index("VolumeName")
+    missing = [c for c in ("Findings_EN", "Impressions_EN") if c not in df.columns]
+    if missing:
+        raise ZeroShotSetupError(f"{path} lacks the column(s) {missing}")
+    return [f"{df.at[n, 'Findings_EN']} {df.at[n, 'Impressions_EN']}" if n in df.index else None for n in names]
+
+
+def text_features(s, names: list[str], kind: str, reports: Path, cache: Path, progress: bool
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """(features (M, A', E), present (M, A')) of the reports of ``names``; cached in ``cache``."""
+    key = f"{s.source} texts {kind} {reports if kind == 'report' else s.data_root.resolve()}"
+    if cache.is_file():
+        with np.load(cache) as z:
+            if str(z["source"]) == key and [str(n) for n in z["names"]] == names:
+                return z["features"], z["present"]
+    max_length = int(s.cfg["model"]["text_max_length"])
+    encode = lambda batch: s.model.encode_texts(batch, s.tokenizer, max_length, device=s.device)  # noqa: E731
+    if kind == "anatomy":
+        per_volume = anatomy_texts(names, s.anatomies, _read_json(s.data_root / "desc_info.json"),
+                                   _read_json(s.data_root / "conc_info.json"))
+        width = len(s.anatomies)
+    else:
+        per_volume = [None if t is None else [t] for t in report_texts(reports, names)]
+        width = 1
+    flat = [t for texts in per_volume if texts is not None for t in texts]
+    feats = encode_texts(encode, flat, progress=progress)
+    out = np.full((len(names), width, feats.shape[-1] if len(flat) else 1), np.nan, dtype=np.float32)
+    present = np.zeros((len(names), width), dtype=bool)
+    rows = [i for i, texts in enumerate(per_volume) if texts is not None]
+    out[rows] = feats.reshape(len(rows), width, -1)
+    present[rows] = True
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    tmp = tmp_path_for(cache)
+    with open(tmp, "wb") as f:
+        np.savez(f, names=np.asarray(names, dtype=str), features=out, present=present, source=np.asarray(key))
+    os.replace(tmp, cache)
+    return out, present
+
+
+def whole_volume(projected: np.ndarray, present: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(N, 1, E) normalised mean of the present anatomy features, (N, 1) present."""
+    mean = np.where(present[..., None], np.nan_to_num(projected), 0).sum(axis=1)
+    norm = np.linalg.norm(mean, axis=1, keepdims=True)
+    return (mean / np.maximum(norm, 1e-12))[:, None], present.any(axis=1)[:, None]
+
+
+def run(args: argparse.Namespace) -> pd.DataFrame:
+    s = setup_features(args)
+    stem = f"{s.checkpoint.stem}_{args.split}"
+    emb_path = args.embeddings or Path("res") / f"embed_{stem}.npz"
+    emb, failures = compute_image_embeddings(s.extractor, s.volumes, emb_path, source=s.source,
+                                             progress=args.progress)
+    for name, reason in failures:
+        logger.warning("left out %s: %s", name, reason)
+    reports = args.reports or s.data_root / REPORTS_RELPATH.get(args.split, f"radiology_text_reports/{args.split}_reports.csv")
+    txt, txt_present = text_features(s, emb.names, args.texts, reports,
+                                     emb_path.with_name(f"{emb_path.stem}_texts_{args.texts}.npz"), args.progress)
+    without = [n for n, p in zip(emb.names, txt_present.any(axis=1)) if not p]
+    if without:
+        logger.warning("%d volume(s) have no report and are left out: %s", len(without), ", ".join(without[:5]))
+    keep = txt_present.any(axis=1)
+    names = [n for n, k in zip(emb.names, keep) if k]
+    groups = [scan_of(n) for n in names]
+    img, img_present, txt, txt_present = emb.projected[keep], emb.present[keep], txt[keep], txt_present[keep]
+    rows = []
+    if args.texts == "report":
+        rows += evaluate_both_directions(anatomy_similarity(*whole_volume(img, img_present), txt, txt_present),
+                                         groups, groups, "whole report")
+    else:
+        rows += evaluate_both_directions(anatomy_similarity(img, img_present, txt, txt_present),
+                                         groups, groups, "all anatomies")
+        for a, anatomy in enumerate(emb.anatomies):
+            sim = anatomy_similarity(img[:, a:a + 1], img_present[:, a:a + 1], txt[:, a:a + 1],
+                                     txt_present[:, a:a + 1])
+            rows += evaluate_both_directions(sim, groups, groups, anatomy)
+    table = pd.DataFrame(rows)
+    output = args.output or Path("res") / f"retrieval_{stem}_{args.texts}.csv"
+    title = (f"Retrieval of `{s.checkpoint}` on {args.split} ({len(names)} volumes, {args.texts} texts; "
+             "chance in brackets)")
+    md = write_table(output, table.to_csv(index=False), title + "\n\n" + format_table(table, markdown=True))
+    print(format_table(table), end="")
+    logger.info("wrote %s and %s", output, md)
+    return table
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(parents=[get_args_parser()], description=__doc__.split("\n\n")[0])
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        with torch.no_grad():
+            run(args)
+    except (ZeroShotSetupError, ConfigError, PipelineError, EmbeddingsFileError) as e:
+        print(f"retrieval: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,253 @@
+"""Frozen image and text features for retrieval and probing (embed.py, retrieval.py, probe.py).
+
+Image features of a processed volume, per anatomy of the pipeline's list present in its
+mask, from the zero-shot window of spec §7 (``models.zeroshot.ZeroShotScorer.anatomy_feature``,
+the code path eval.py scores with):
+
+- ``projected`` (N, A, E): pooled -> ``vision_projs[a]`` -> L2-normalised, the joint space;
+- ``pooled`` (N, A, C): the anatomy query's attention output before the projection (captured
+  by a forward hook on ``vision_projs[a]``, so the model code is not touched);
+- ``present`` (N, A) bool; absent anatomies hold NaN.
+
+Written as ONE ``.npz`` per run (``names``, ``anatomies``, ``projected``, ``pooled``,
+``present``, ``source``: checkpoint, data root and window size), atomically. Resumable: every
+``save_every`` volumes the features so far go to ``.partial-{name}`` beside it; a rerun with the
+same source picks them up and computes only the rest; the finished file replaces the partial one.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from data.cache import VolumeReadError, list_volumes, scale_hu, tmp_path_for
+from data.common import load_pipeline_config, nii_stem
+from data.texts import compose_anatomy_text, text_for_encoding
+from eval import read_case, volume_name  # eval.py's reading of a processed case (one place; re-point with eval's I/O)
+from models.zeroshot import ZeroShotScorer
+from utils.checkpoint import latest_checkpoint
+from utils.config import apply_overrides, load_config, resolve_path
+from utils.zeroshot import ZeroShotSetupError, load_eval_model, load_items
+
+logger = logging.getLogger(__name__)
+
+FEATURE_KINDS = ("projected", "pooled")
+
+
+class EmbeddingsFileError(ValueError):
+    """An embeddings file is not one embed.py wrote (message names it)."""
+
+
+def load_model(cfg: Mapping[str, Any], checkpoint: str | Path, *, n_anatomies: int, text_encoder_dir: str | Path,
+               device: torch.device) -> tuple[Any, Any]:
+    """(model in eval mode, tokenizer): the one call of the checkpoint loader for these tools."""
+    return load_eval_model(cfg, checkpoint, n_anatomies=n_anatomies, text_encoder_dir=text_encoder_dir,
+                           device=device)
+
+
+@dataclass
+class ImageEmbeddings:
+    names: list[str]
+    anatomies: list[str]
+    projected: np.ndarray  # (N, A, E) float32, NaN where absent
+    pooled: np.ndarray  # (N, A, C) float32, NaN where absent
+    present: np.ndarray  # (N, A) bool
+    source: str  # what made the features: checkpoint, data root, window size
+
+    def save(self, path: Path) -> None:
+        """Atomic ``np.savez`` (``.tmp-`` sibling, then ``os.replace``)."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = tmp_path_for(path)
+        with open(tmp, "wb") as f:
+            np.savez(f, names=np.asarray(self.names, dtype=str), anatomies=np.asarray(self.anatomies, dtype=str),
+                     projected=self.projected, pooled=self.pooled, present=self.present,
+                     source=np.asarray(self.source))
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "ImageEmbeddings":
+        if not Path(path).is_file():
+            raise EmbeddingsFileError(f"embeddings file not found: {path} (set --embeddings; embed.py writes it)")
+        try:
+            with np.load(path) as z:
+                return cls([str(n) for n in z["names"]], [str(a) for a in z["anatomies"]], z["projected"],
+                           z["pooled"], z["present"].astype(bool), str(z["source"]))
+        except (OSError, KeyError, ValueError, EOFError) as exc:
+            raise EmbeddingsFileError(f"not an embeddings file of embed.py: {path} ({exc})") from None
+
+    def select(self, names: Sequence[str]) -> "ImageEmbeddings":
+        index = {n: i for i, n in enumerate(self.names)}
+        rows = [index[n] for n in names]
+        return ImageEmbeddings(list(names), self.anatomies, self.projected[rows], self.pooled[rows],
+                               self.present[rows], self.source)
+
+
+def scan_of(name: str) -> str:
+    """``valid_1_a_2.nii.gz`` -> its scan ``valid_1_a`` (reconstructions of a scan share a report)."""
+    return nii_stem(name).rsplit("_", 1)[0]
+
+
+class AnatomyFeatureExtractor:
+    """``extractor(image_hu, mask) -> (projected (A, E), pooled (A, C), present (A,))`` per volume."""
+
+    def __init__(self, model: torch.nn.Module, anatomy_names: Sequence[str], roi: Sequence[int],
+                 hu_window: Sequence[float], device: torch.device) -> None:
+        proj_dim = model.text_proj.out_features
+        self.scorer = ZeroShotScorer(model, [], anatomy_names, torch.zeros(0, 2, proj_dim), roi, device,
+                                     transform=lambda hu: scale_hu(hu, hu_window))
+        self.anatomies = list(anatomy_names)
+        self.dims = (proj_dim, model.visual_encoder.embed_dim)
+        self._pooled: list[torch.Tensor] = []
+        for proj in model.vision_projs:
+            proj.register_forward_hook(lambda _m, inputs, _out: self._pooled.append(inputs[0].detach()))
+
+    @torch.no_grad()
+    def __call__(self, image: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        projected = np.full((len(self.anatomies), self.dims[0]), np.nan, dtype=np.float32)
+        pooled = np.full((len(self.anatomies), self.dims[1]), np.nan, dtype=np.float32)
+        for a, anatomy in enumerate(self.anatomies):
+            self._pooled.clear()
+            feat = self.scorer.anatomy_feature(image, mask, anatomy)
+            if feat is not None:
+                projected[a] = feat.float().cpu().numpy()
+                pooled[a] = self._pooled[-1][0].float().cpu().numpy()
+        return projected, pooled, ~np.isnan(projected[:, 0])
+
+
+def partial_path(path: Path) -> Path:
+    return path.with_name(f".partial-{path.name}")
+
+
+def compute_image_embeddings(extract: AnatomyFeatureExtractor, volumes: Sequence[Path], out_path: Path, *,
+                             source: str, save_every: int = 50, progress: bool = True
+                             ) -> tuple[ImageEmbeddings, list[tuple[str, str]]]:
+    """Features of ``volumes`` written to ``out_path`` (resumable, module docstring); (embeddings, failures)."""
+    out_path = Path(out_path)
+    wanted = [volume_name(v) for v in volumes]
+    done: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+    for previous in (out_path, partial_path(out_path)):
+        if previous.is_file():
+            old = ImageEmbeddings.load(previous)
+            if old.source != source or old.anatomies != extract.anatomies:
+                logger.warning("%s is from %s, not %s: recomputing", previous, old.source, source)
+                continue
+            done.update({n: (old.projected[i], old.pooled[i], old.present[i]) for i, n in enumerate(old.names)})
+    todo = [(v, n) for v, n in zip(volumes, wanted) if n not in done]
+    if len(done):
+        logger.info("%s: %d volume(s) already embedded, %d to go", out_path, len(wanted) - len(todo), len(todo))
+
+    def snapshot(names: Sequence[str]) -> ImageEmbeddings:
+        a, e, c = len(extract.anatomies), *extract.dims
+        rows = [done[n] for n in names]
+        return ImageEmbeddings(list(names), extract.anatomies,
+                               np.stack([r[0] for r in rows]) if rows else np.zeros((0, a, e), np.float32),
+                               np.stack([r[1] for r in rows]) if rows else np.zeros((0, a, c), np.float32),
+                               np.stack([r[2] for r in rows]) if rows else np.zeros((0, a), bool), source)
+
+    failures: list[tuple[str, str]] = []
+    for k, (path, name) in enumerate(tqdm(todo, desc="embed", disable=not progress), start=1):
+        try:
+            done[name] = extract(*read_case(path))
+        except (VolumeReadError, OSError, ValueError) as exc:
+            logger.warning("%s: %s", name, exc)
+            failures.append((name, str(exc).replace("\n", " ")))
+        if k % save_every == 0:
+            snapshot(sorted(done)).save(partial_path(out_path))
+    result = snapshot([n for n in wanted if n in done])
+    result.save(out_path)
+    partial_path(out_path).unlink(missing_ok=True)
+    return result, failures
+
+
+# ---------------------------------------------------------------------------- text side
+
+def anatomy_texts(names: Sequence[str], anatomies: Sequence[str], desc_info: Mapping[str, Mapping[str, str]],
+                  conc_info: Mapping[str, Mapping[str, str]]) -> list[list[str] | None]:
+    """Per volume, the spec §3 text of each anatomy as encoded in training; None when its scan has no report."""
+    out: list[list[str] | None] = []
+    for name in names:
+        scan = scan_of(name)
+        if scan not in desc_info and scan not in conc_info:
+            out.append(None)
+            continue
+        out.append([text_for_encoding(compose_anatomy_text(scan, a, desc_info, conc_info), a) for a in anatomies])
+    return out
+
+
+@torch.no_grad()
+def encode_texts(encode: Callable[[list[str]], torch.Tensor], texts: Sequence[str], batch_size: int = 64,
+                 progress: bool = False) -> np.ndarray:
+    """(len(texts), E) float32 features, ``encode`` called on batches of distinct texts."""
+    unique = list(dict.fromkeys(texts))
+    feats = []
+    for i in tqdm(range(0, len(unique), batch_size), desc="texts", disable=not progress):
+        feats.append(encode(unique[i:i + batch_size]).float().cpu().numpy())
+    table = np.concatenate(feats) if feats else np.zeros((0, 0), np.float32)
+    position = {t: i for i, t in enumerate(unique)}
+    return table[[position[t] for t in texts]]
+
+
+# ---------------------------------------------------------------------------- shared CLI setup
+
+def model_args_parser() -> argparse.ArgumentParser:
+    """Flags embed.py and retrieval.py share with eval.py (same defaults)."""
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--config", default="configs/ctrate.yaml", help="training preset (model size, pipeline config)")
+    p.add_argument("--checkpoint", type=Path,
+                   help="checkpoint (ours or the released fVLM weights; default: latest in --output-dir)")
+    p.add_argument("--output-dir", dest="output_dir", type=Path,
+                   help="training output directory searched for the default checkpoint (default: the preset's)")
+    p.add_argument("--data-root", dest="data_root", type=Path,
+                   help="root holding processed_{split}_images/ and _masks/ (default: the preset's)")
+    p.add_argument("--text-encoder", dest="text_encoder", help="text encoder directory (default: the preset's)")
+    p.add_argument("--items", help="zero-shot items file giving the window size roi_dhw (default: the preset's)")
+    p.add_argument("--split", default="valid", help="processed split (default: valid)")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no tqdm bar")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="preset overrides, e.g. model.depth=4")
+    return p
+
+
+@dataclass
+class FeatureSetup:
+    cfg: dict
+    anatomies: list[str]
+    data_root: Path
+    checkpoint: Path
+    volumes: list[Path]
+    extractor: AnatomyFeatureExtractor
+    model: Any
+    tokenizer: Any
+    device: torch.device
+    source: str  # identifies the features (ImageEmbeddings.source)
+
+
+def setup_features(args: argparse.Namespace) -> FeatureSetup:
+    """Preset, checkpoint, model and the split's processed volumes; ZeroShotSetupError names the flag to fix."""
+    cfg = apply_overrides(load_config(resolve_path(args.config)), args.overrides)
+    pipe = load_pipeline_config(resolve_path(cfg["pipeline_config"]))
+    roi, _ = load_items(resolve_path(args.items or cfg["zeroshot_items"]))
+    data_root = args.data_root or Path(cfg["paths"]["data_root"])
+    checkpoint = args.checkpoint
+    if checkpoint is None:
+        out_dir = args.output_dir or Path(cfg["paths"]["output_dir"])
+        checkpoint = latest_checkpoint(out_dir)
+        if checkpoint is None:
+            raise ZeroShotSetupError(f"no checkpoint_*.pth in {out_dir}: set --checkpoint or --output-dir")
+    volumes = list_volumes(data_root, args.split)
+    if not volumes:
+        raise ZeroShotSetupError(
+            f"no processed volumes in {data_root / f'processed_{args.split}_images'}: set --data-root / --split")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model, tokenizer = load_model(cfg, checkpoint, n_anatomies=pipe.n_anatomies,
+                                  text_encoder_dir=args.text_encoder or cfg["paths"]["text_encoder"], device=device)
+    extractor = AnatomyFeatureExtractor(model, pipe.anatomy_names, roi, pipe.hu_window, device)
+    source = f"{Path(checkpoint).resolve()} on {Path(data_root).resolve()} roi {list(roi)}"
+    return FeatureSetup(cfg, pipe.anatomy_names, Path(data_root), Path(checkpoint), volumes, extractor, model,
+                        tokenizer, device, source)

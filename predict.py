@@ -92,7 +92,8 @@ def prepare_case(image: sitk.Image, labels: sitk.Image, pipe: PipelineConfig) ->
     labels = sitk.DICOMOrient(labels, ORIENTATION)
     check_same_geometry(image, labels)
     check_labels(sitk.GetArrayViewFromImage(labels), total_class_ids())  # CaseError for non-`total` ids
-    image_r, labels_r = resample_case(image, labels, pipe.target_spacing_xyz, pad_hu=pipe.pad_hu)
+    image_r, labels_r = resample_case(image, labels, pipe.target_spacing_xyz,
+                                      mask_interpolation=pipe.mask_interpolation)
     anatomy = merge_labels(sitk.GetArrayViewFromImage(labels_r), build_label_lut(pipe))
     return crop_pad_case(sitk.GetArrayViewFromImage(image_r), anatomy, pipe)
 

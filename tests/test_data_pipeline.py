@@ -210,17 +210,21 @@ def test_resize_sizes_spacing_and_labels(processed):
         out_rel = volume_relpath(name).with_name(name.replace(".nii.gz", ".nii"))
         image = sitk.ReadImage(str(processed / "resized_train_images" / out_rel))
         mask = sitk.ReadImage(str(processed / "resized_train_masks" / out_rel))
-        expected = [int(n * s / t) for n, s, t in zip(fixed.GetSize(), fixed.GetSpacing(), cfg.target_spacing_xyz)]
+        n = np.asarray(fixed.GetSize())
+        expected = [int(k * s / t) for k, s, t in zip(n, fixed.GetSpacing(), cfg.target_spacing_xyz)]
         assert list(image.GetSize()) == expected == list(mask.GetSize())
-        assert np.allclose(image.GetSpacing(), cfg.target_spacing_xyz, atol=1e-5)
-        assert np.allclose(image.GetOrigin(), fixed.GetOrigin(), atol=1e-3)
+        # field of view kept (spec §2.3b): spacing n * s / m, voxel 0 at input coordinate (n / m - 1) / 2
+        ratio = n / np.asarray(expected)
+        assert np.allclose(image.GetSpacing(), ratio * np.asarray(fixed.GetSpacing()), atol=1e-5)
+        assert np.allclose(image.GetOrigin(), fixed.TransformContinuousIndexToPhysicalPoint((ratio - 1) / 2),
+                           atol=1e-3)
+        assert np.allclose(mask.GetOrigin(), image.GetOrigin()) and mask.GetSpacing() == image.GetSpacing()
         assert image.GetPixelID() == sitk.sitkInt16 and mask.GetPixelID() == sitk.sitkUInt8
-        # nearest neighbour: output voxel k takes input voxel round(k * target / spacing) of the merged truth
+        # PyTorch's legacy nearest: output voxel k takes input voxel floor(k * n / m) of the merged truth
         truth = resize.merge_labels(load_truth(processed, name)["labels"], lut)
         m = sitk.GetArrayFromImage(mask)
-        ratio = np.asarray(cfg.target_spacing_xyz[::-1]) / np.asarray(fixed.GetSpacing()[::-1])
         for idx in np.random.default_rng(0).integers(0, m.shape, size=(200, 3)):
-            src = np.floor(idx * ratio + 0.5).astype(int)
+            src = np.floor(idx * ratio[::-1]).astype(int)
             assert m[tuple(idx)] == truth[tuple(src)]
 
 
@@ -236,7 +240,8 @@ def test_preprocess_invariants(processed):
             processed / "processed_train_images"))
         assert set(np.unique(resized_mask)) == set(np.unique(mask))
         assert scale_hu(image[:1, :1, :1], cfg.hu_window)[0, 0, 0] == 0.0  # corner = padding (tiny volumes)
-        assert np.allclose(read_spacing_xyz(path), cfg.target_spacing_xyz, atol=1e-5)
+        assert read_spacing_xyz(path) == pytest.approx(read_spacing_xyz(processed / "resized_train_images" /
+                                                                         path.relative_to(processed / "processed_train_images")))
 
 
 def test_crop_pad_case_margins_clamp_and_symmetric_pad():
@@ -246,13 +251,13 @@ def test_crop_pad_case_margins_clamp_and_symmetric_pad():
     mask[15, 40, 100] = 3
     image = np.full(mask.shape, 100, np.int16)
     out_image, out_mask = preprocess.crop_pad_case(image, mask, cfg)
-    # D: [8, 22) -> 14 voxels, pad 26 -> 13/13; H: [0, 46) (clamped at 0) -> pad 2 -> 1/1;
-    # W: [45, 106) -> 61, pad 11 -> 5/6 (the odd voxel after)
+    # exclusive end at last + margin (spec §2.4): D: [8, 21) -> 13 voxels, pad 27 -> 13/14;
+    # H: [0, 45) (clamped at 0) -> pad 3 -> 1/2; W: [45, 105) -> 60, pad 12 -> 6/6
     assert out_image.shape == (40, 48, 72)
-    assert out_mask[13:27, 1:47, 5:66].sum() == mask.sum() and out_mask.sum() == mask.sum()
-    assert (out_image[13:27, 1:47, 5:66] == 100).all() and (out_image == 100).sum() == 14 * 46 * 61
+    assert out_mask[13:26, 1:46, 6:66].sum() == mask.sum() and out_mask.sum() == mask.sum()
+    assert (out_image[13:26, 1:46, 6:66] == 100).all() and (out_image == 100).sum() == 13 * 45 * 60
     assert (out_image[:13] == cfg.pad_hu).all() and (out_image[:, :, 66:] == cfg.pad_hu).all()
-    assert (out_image[:, :1] == cfg.pad_hu).all() and (out_image[:, :, :5] == cfg.pad_hu).all()
+    assert (out_image[:, :1] == cfg.pad_hu).all() and (out_image[:, :, :6] == cfg.pad_hu).all()
     assert scale_hu(np.int16(cfg.pad_hu), cfg.hu_window) == 0.0
     big = np.zeros((80, 100, 120), np.uint8)
     big[1:79, 3:97, 2:118] = 2

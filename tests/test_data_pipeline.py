@@ -456,21 +456,38 @@ def test_bad_shard_is_rejected(text, work):
 
 # ---------------------------------------------------------------------------- TotalSegmentator
 
-def test_missing_totalsegmentator_weights_fail_fast_and_write_nothing(processed, tmp_path, monkeypatch, caplog):
+@pytest.mark.parametrize("options, download, models", [
+    ([], "-t total`", "Dataset291"), (["--fast"], "-t total_fast`", "Dataset297"),
+    (["--roi-subset"], "-t total`", "Dataset298")])
+def test_missing_totalsegmentator_weights_fail_fast_and_write_nothing(options, download, models, processed,
+                                                                      tmp_path, monkeypatch, caplog):
+    import totalsegmentator.python_api as api
     root = tmp_path / "root"
     shutil.copytree(processed, root, ignore=shutil.ignore_patterns("*_mask", "resized_*", "processed_*"))
     monkeypatch.setenv("TOTALSEG_HOME_DIR", str(tmp_path / "tshome"))
     monkeypatch.delenv("TOTALSEG_WEIGHTS_PATH", raising=False)
+    monkeypatch.setattr(api, "totalsegmentator", lambda *a, **k: pytest.fail("TotalSegmentator was started"))
     before = all_files(root)
-    assert generate_mask.main(["--data-root", str(root), "--split", "train", "--no-pbar"]) == 2
+    assert generate_mask.main(["--data-root", str(root), "--split", "train", "--no-pbar", *options]) == 2
     message = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
     assert len(message) == 1 and "\n" not in message[0]
-    assert "totalseg_download_weights -t total" in message[0]
+    assert f"totalseg_download_weights {download}" in message[0] and models in message[0]
     assert all_files(root) == before and not (root / "train_mask").exists()
     assert not (tmp_path / "tshome").exists()
 
 
-def test_usage_stats_turned_off_before_totalsegmentator_runs(processed, tmp_path, monkeypatch):
+def test_weights_needed_by_the_full_task_and_the_opt_in_subset():
+    def names(**options):
+        return {d.name.split("_")[0] for d in generate_mask.required_weight_dirs(**options)}
+    full = {f"Dataset{k}" for k in (291, 292, 293, 294, 295)}
+    assert names(fast=False, roi_subset=False) == full
+    assert names(fast=False, roi_subset=True) == full | {"Dataset298"}
+    assert names(fast=True, roi_subset=False) == {"Dataset297"}
+    assert names(fast=True, roi_subset=True) == {"Dataset297", "Dataset298"}
+
+
+@pytest.mark.parametrize("roi_subset", [False, True])
+def test_usage_stats_turned_off_before_totalsegmentator_runs(roi_subset, processed, tmp_path, monkeypatch):
     import json
 
     import nibabel as nib
@@ -480,7 +497,7 @@ def test_usage_stats_turned_off_before_totalsegmentator_runs(processed, tmp_path
     home = tmp_path / "tshome"
     monkeypatch.setenv("TOTALSEG_HOME_DIR", str(home))
     monkeypatch.delenv("TOTALSEG_WEIGHTS_PATH", raising=False)
-    for folder in generate_mask.required_weight_dirs(fast=True, roi_subset=True):
+    for folder in generate_mask.required_weight_dirs(fast=True, roi_subset=roi_subset):
         folder.mkdir(parents=True)
     calls = []
 
@@ -493,11 +510,14 @@ def test_usage_stats_turned_off_before_totalsegmentator_runs(processed, tmp_path
 
     monkeypatch.setattr(api, "totalsegmentator", fake_totalsegmentator)
     assert generate_mask.main(["--data-root", str(root), "--split", "train", "--no-pbar", "--fast",
-                               "--device", "cpu"]) == 0
+                               "--device", "cpu"] + (["--roi-subset"] if roi_subset else [])) == 0
     assert calls and all(sent is False for sent, _ in calls)
     kwargs = calls[0][1]
     assert kwargs["task"] == "total" and kwargs["fast"] and kwargs["device"] == "cpu" and kwargs["ml"]
-    assert set(kwargs["roi_subset"]) == {c for cs in load_pipeline_config().anatomy_classes for c in cs}
+    if roi_subset:  # opt-in speed flag
+        assert set(kwargs["roi_subset"]) == {c for cs in load_pipeline_config().anatomy_classes for c in cs}
+    else:  # the release's call: the full `total` task
+        assert kwargs["roi_subset"] is None
     for name in raw_names(root):
         out = sitk.ReadImage(str(root / "train_mask" / volume_relpath(name)))
         assert np.array_equal(sitk.GetArrayFromImage(out), load_truth(root, name)["labels"])

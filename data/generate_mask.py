@@ -11,7 +11,8 @@ Before anything runs, the weights it needs are checked under its own lookup
 (``$TOTALSEG_WEIGHTS_PATH``, else ``$TOTALSEG_HOME_DIR/nnunet/results``, else
 ``~/.totalsegmentator/nnunet/results``; see ``totalsegmentator.config.get_weights_dir``):
 if any is missing the step stops with one line naming the download that fits the
-options (``totalseg_download_weights -t total``, or ``-t total_fast`` with ``--fast``) and writes nothing, so TotalSegmentator never starts a download. Its usage
+options (``totalseg_download_weights -t total``, or ``-t total_fast`` with
+``--fast``) and writes nothing, so TotalSegmentator never starts a download. Its usage
 statistics (posted after every prediction unless its ``config.json`` says
 ``"send_usage_stats": false``) are switched off before the first call.
 

@@ -185,3 +185,120 @@ def test_nearest_exact_mask_option_reaches_the_resize_step(realistic_root, tmp_p
         written = open_volume(work / "resized_train_masks" / volume_relpath(name.replace(".nii.gz", ".nii")))
         assert np.array_equal(written, exact) and not np.array_equal(written, release)
     assert len(list_volumes(work, "train")) == len(truth)
+
+
+# ---------------------------------------------------------------------------- CT-RATE v1 (raw) and v2 (fixed)
+
+def chest_hu(shape=(16, 32, 32), seed: int = 0) -> np.ndarray:
+    """A crude chest in HU: outside air, subcutaneous fat, lungs, soft tissue, bone, with noise."""
+    rng = np.random.default_rng(seed)
+    hu = np.full(shape, 40.0)
+    hu[:, :8] = -1000.0   # air in front of the body
+    hu[:, 8:11] = -100.0  # fat
+    hu[:, 11:20, :14] = hu[:, 11:20, 18:] = -850.0  # lungs
+    hu[:, 26:, 12:20] = 700.0  # spine
+    return np.rint(np.clip(hu + rng.normal(0, 15, shape), -1024, 3071)).astype(np.int16)
+
+
+ROW = {"XYSpacing": "[0.75, 0.75]", "ZSpacing": "1.5", "ImagePositionPatient": "[-190.5, -170.25, -320.0]",
+       "ImageOrientationPatient": "[1, 0, 0, 0, 1, 0]"}
+
+
+@pytest.mark.parametrize("slope, intercept", [(1, -1024), (1, -8192), (2, -1024), (1, 0)])
+def test_ctrate_version_from_values_then_header(slope, intercept, tmp_path):
+    from data.fix_data import ctrate_version, fix_case, fix_geometry
+
+    row = {**ROW, "RescaleSlope": str(slope), "RescaleIntercept": str(intercept)}
+    geometry = fix_geometry(row)
+    hu = chest_hu()
+    raw = ((hu.astype(np.int32) - intercept) // slope).astype(np.int16)  # v1: stored integers, default header
+    v1 = sitk.GetImageFromArray(raw)
+    v2 = sitk.GetImageFromArray(hu)  # v2: HU with the true geometry
+    v2.SetSpacing(geometry.spacing_xyz), v2.SetOrigin(geometry.origin_xyz)
+    identity = slope == 1 and intercept == 0
+    version, evidence = ctrate_version(v1, raw, geometry)
+    assert version == 1 and ("header differs" in evidence if identity else "values are HU after" in evidence)
+    version, evidence = ctrate_version(v2, hu, geometry)
+    assert version == 2 and ("header equals" in evidence if identity else "values are HU as stored" in evidence)
+    # the same v2 volume under a default header is still v2 (the values decide) unless they cannot tell
+    plain = sitk.GetImageFromArray(hu)
+    assert ctrate_version(plain, hu, geometry)[0] == (1 if identity else 2)
+    # both end as the same fixed volume
+    for name, image in (("v1", v1), ("v2", v2)):
+        sitk.WriteImage(image, str(tmp_path / f"{name}.nii.gz"))
+        fix_case(tmp_path / f"{name}.nii.gz", tmp_path / f"{name}_fixed.nii.gz", row)
+    fixed = [sitk.ReadImage(str(tmp_path / f"{name}_fixed.nii.gz")) for name in ("v1", "v2")]
+    expected = hu if slope == 1 else (raw.astype(np.int32) * slope + intercept)  # v1 keeps the stored rounding
+    assert np.array_equal(sitk.GetArrayFromImage(fixed[0]), expected)
+    assert np.array_equal(sitk.GetArrayFromImage(fixed[1]), hu)
+    assert fixed[0].GetOrigin() == pytest.approx(fixed[1].GetOrigin(), abs=1e-3)
+
+
+def test_a_volume_that_is_neither_v1_nor_v2_is_a_failed_case():
+    from data.common import CaseError
+    from data.fix_data import ctrate_version, fix_geometry
+
+    geometry = fix_geometry({**ROW, "RescaleSlope": "1", "RescaleIntercept": "-1024"})
+    flat = np.full((8, 16, 16), 3000, np.int16)  # no air as stored nor after the rescale
+    with pytest.raises(CaseError, match="neither CT-RATE v1 nor v2"):
+        ctrate_version(sitk.GetImageFromArray(flat), flat, geometry)
+
+
+def run_four_steps(root: Path) -> list[int]:
+    from data import fix_data, generate_mask
+
+    common = ["--data-root", str(root), "--split", "train", "--no-pbar"]
+    return [fix_data.main(common), generate_mask.main(common + ["--masks-from", str(root / "totalseg_gt")]),
+            resize.main(common), preprocess.main(common)]
+
+
+@pytest.fixture(scope="module")
+def v1_v2_roots(tmp_path_factory) -> tuple[Path, Path]:
+    from data.synthetic import generate_dataset
+
+    roots = []
+    for version in (1, 2):  # seed 5: rescales (1, -1024), (2, -1024) and (1, -8192) among the train volumes
+        root = tmp_path_factory.mktemp(f"ctrate_v{version}")
+        generate_dataset(root, n_train=4, n_valid=1, seed=5, ctrate_version=version)
+        roots.append(root)
+    return roots[0], roots[1]
+
+
+def test_v1_and_v2_downloads_give_identical_caches(v1_v2_roots, caplog):
+    v1, v2 = v1_v2_roots
+    assert not (v2 / "train").exists() and (v2 / "train_fixed").is_dir()
+    metadata = "metadata/train_metadata.csv"
+    assert (v1 / metadata).read_bytes() == (v2 / metadata).read_bytes()
+    caplog.set_level("INFO")
+    assert run_four_steps(v1) == [0, 0, 0, 0]
+    assert run_four_steps(v2) == [0, 0, 0, 0]
+    assert "fix train: nothing to fix" in caplog.text
+    caches = list_volumes(v1, "train")
+    assert len(caches) >= 5
+    assert [p.relative_to(v1) for p in caches] == [p.relative_to(v2) for p in list_volumes(v2, "train")]
+    for path in caches + [image_to_mask_path(p) for p in caches]:
+        other = v2 / path.relative_to(v1)
+        assert np.array_equal(open_volume(path), open_volume(other))
+        a, b = sitk.ReadImage(str(path)), sitk.ReadImage(str(other))
+        assert a.GetSpacing() == pytest.approx(b.GetSpacing(), abs=1e-6)
+        assert a.GetOrigin() == pytest.approx(b.GetOrigin(), abs=1e-3)
+    versions = (v1 / "fix_train_versions.csv").read_text().splitlines()
+    assert versions[0] == "volume,version,evidence" and all(",1," in line for line in versions[1:])
+
+
+def test_v2_files_under_the_raw_folder_are_not_rescaled_twice(v1_v2_roots, tmp_path):
+    from data import fix_data
+    from data.synthetic import load_truth
+
+    _, v2 = v1_v2_roots
+    root = tmp_path / "root"
+    shutil.copytree(v2 / "train_fixed", root / "train")  # as the release's instructions place them
+    shutil.copytree(v2 / "metadata", root / "metadata")
+    shutil.copy(v2 / "synthetic_manifest.json", root)
+    assert fix_data.main(["--data-root", str(root), "--split", "train", "--no-pbar"]) == 0
+    names = sorted(p.name for p in (root / "train").glob("*/*/*.nii.gz"))
+    for name in names:
+        fixed = sitk.GetArrayFromImage(sitk.ReadImage(str(root / "train_fixed" / volume_relpath(name))))
+        assert np.array_equal(fixed, load_truth(root, name)["hu"])
+    rows = (root / "fix_train_versions.csv").read_text().splitlines()[1:]
+    assert len(rows) == len(names) and all(",2," in row for row in rows)

@@ -16,8 +16,8 @@ Steps, the same functions as the data pipeline and eval.py:
 2. labels: ``--mask`` (a TotalSegmentator ``total`` label map on the image's grid), or
    TotalSegmentator ``total`` run through ``data.generate_mask.segment_case`` (weights must be
    installed; nothing is downloaded);
-3. ``data.resize``: resample to the pipeline spacing (image trilinear, labels nearest) and
-   merge the classes into anatomy ids;
+3. ``data.resize``: resample onto the release's grid for the pipeline spacing (image
+   trilinear, labels PyTorch's legacy nearest) and merge the classes into anatomy ids;
 4. ``data.preprocess.crop_pad_case``: crop to the anatomies + margin, pad to the minimum size;
 5. ``models.zeroshot.ZeroShotScorer`` (shared with eval.py): one window per anatomy, HU
    window scaling, probabilities of the items of ``--items``.

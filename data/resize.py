@@ -7,8 +7,8 @@ b. Resample exactly as the release does (its weights were trained on this grid):
    image by ``torch.nn.functional.interpolate(size=m, mode="trilinear",
    align_corners=False)`` (output voxel i samples input coordinate
    ``(i + 0.5) * n / m - 0.5``, clamped at the edges), rounded to int16; the labels
-   by PyTorch's legacy ``mode="nearest"`` (input index ``min(floor(i * (float)n/m), n - 1)``,
-   half a voxel from the image's sample point, as in the release). The pipeline
+   by PyTorch's legacy ``mode="nearest"`` (input index ``min(floor(i * n / m), n - 1)``,
+   ``n / m`` in float32, half a voxel from the image's sample point, as in the release). The pipeline
    setting ``mask_interpolation: nearest-exact`` instead takes the input voxel
    nearest to the image's sample point (not the release; docs/fidelity.md).
 
@@ -17,7 +17,8 @@ about the target) and origin = the physical position of the image's sample point
 of voxel 0, ``origin + direction @ ((n / m - 1) / 2 * spacing)``, so the image
 overlays the fixed volume exactly (the mask, by the release's rule, sits up to half
 an output voxel off). The calls are PyTorch's own, on the threads torch is given
-(``OMP_NUM_THREADS``; one is as fast as the previous SimpleITK resampler).
+(``OMP_NUM_THREADS``); on one thread they are faster than the SimpleITK resampler
+they replaced (docs/fidelity.md).
 
 Nearest-neighbour resampling commutes with the voxel-wise merge, so the labels
 are resampled first and merged on the (smaller) output grid: same result, fewer
@@ -93,12 +94,12 @@ def resample_case(image: sitk.Image, labels: sitk.Image, target_spacing_xyz: Seq
     size_dhw = size_xyz[::-1]
     hu = torch.from_numpy(sitk.GetArrayFromImage(image).astype(np.float32, copy=False))
     hu = F.interpolate(hu[None, None], size=size_dhw, mode="trilinear", align_corners=False)[0, 0].numpy()
-    np.rint(hu, out=hu)
+    np.clip(np.rint(hu, out=hu), -32768, 32767, out=hu)  # predict.py may pass HU that is not int16
     ids = torch.from_numpy(sitk.GetArrayFromImage(labels).astype(np.uint8, copy=False))
     ids = F.interpolate(ids[None, None], size=size_dhw, mode=mask_interpolation)[0, 0].numpy()
     spacing, origin = resampled_geometry(image, size_xyz)
     out = []
-    for array in (hu.astype(np.int16), ids):  # trilinear values of int16 HU stay in int16 range
+    for array in (hu.astype(np.int16), ids):
         volume = sitk.GetImageFromArray(array, isVector=False)
         volume.SetSpacing(spacing), volume.SetOrigin(origin), volume.SetDirection(image.GetDirection())
         out.append(volume)

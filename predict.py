@@ -16,8 +16,8 @@ Steps, the same functions as the data pipeline and eval.py:
 2. labels: ``--mask`` (a TotalSegmentator ``total`` label map on the image's grid), or
    TotalSegmentator ``total`` run through ``data.generate_mask.segment_case`` (weights must be
    installed; nothing is downloaded);
-3. ``data.resize``: resample to the pipeline spacing (image trilinear, labels nearest) and
-   merge the classes into anatomy ids;
+3. ``data.resize``: resample onto the release's grid for the pipeline spacing (image
+   trilinear, labels PyTorch's legacy nearest) and merge the classes into anatomy ids;
 4. ``data.preprocess.crop_pad_case``: crop to the anatomies + margin, pad to the minimum size;
 5. ``models.zeroshot.ZeroShotScorer`` (shared with eval.py): one window per anatomy, HU
    window scaling, probabilities of the items of ``--items``.
@@ -43,7 +43,7 @@ from data.cache import scale_hu
 from data.common import PipelineConfig, PipelineError, load_pipeline_config
 from data.fix_data import read_sitk
 from data.generate_mask import (check_labels, check_same_geometry, check_totalseg_weights, disable_usage_stats,
-                                roi_classes, segment_case, total_class_ids)
+                                segment_case, total_class_ids)
 from data.preprocess import crop_pad_case
 from data.resize import build_label_lut, merge_labels, resample_case
 from models.zeroshot import ZeroShotItem, ZeroShotScorer, prompt_features
@@ -71,14 +71,14 @@ def get_args_parser() -> argparse.ArgumentParser:
     return p
 
 
-def segment(image: sitk.Image, pipe: PipelineConfig, *, fast: bool, device: torch.device) -> sitk.Image:
-    """TotalSegmentator ``total`` labels of ``image`` via data.generate_mask (weights checked first)."""
-    check_totalseg_weights(fast=fast, roi_subset=True)
+def segment(image: sitk.Image, *, fast: bool, device: torch.device) -> sitk.Image:
+    """TotalSegmentator ``total`` labels of ``image`` (the full task, as the release) via data.generate_mask."""
+    check_totalseg_weights(fast=fast, roi_subset=False)
     disable_usage_stats()
     with tempfile.TemporaryDirectory(prefix="fvlm_predict_") as tmp:
         src, dst = Path(tmp) / "image.nii.gz", Path(tmp) / "labels.nii.gz"
         sitk.WriteImage(image, str(src))
-        segment_case(src, dst, roi_subset=roi_classes(pipe), fast=fast, device="gpu" if device.type == "cuda" else "cpu")
+        segment_case(src, dst, roi_subset=None, fast=fast, device="gpu" if device.type == "cuda" else "cpu")
         return read_sitk(dst, "TotalSegmentator output")
 
 
@@ -92,7 +92,8 @@ def prepare_case(image: sitk.Image, labels: sitk.Image, pipe: PipelineConfig) ->
     labels = sitk.DICOMOrient(labels, ORIENTATION)
     check_same_geometry(image, labels)
     check_labels(sitk.GetArrayViewFromImage(labels), total_class_ids())  # CaseError for non-`total` ids
-    image_r, labels_r = resample_case(image, labels, pipe.target_spacing_xyz, pad_hu=pipe.pad_hu)
+    image_r, labels_r = resample_case(image, labels, pipe.target_spacing_xyz,
+                                      mask_interpolation=pipe.mask_interpolation)
     anatomy = merge_labels(sitk.GetArrayViewFromImage(labels_r), build_label_lut(pipe))
     return crop_pad_case(sitk.GetArrayViewFromImage(image_r), anatomy, pipe)
 
@@ -109,7 +110,7 @@ def predict(args: argparse.Namespace) -> tuple[list[ZeroShotItem], dict[str, flo
     if args.mask is not None:
         labels = read_sitk(args.mask, "mask")
     else:
-        labels = segment(sitk.DICOMOrient(image, ORIENTATION), pipe, fast=args.fast, device=device)
+        labels = segment(sitk.DICOMOrient(image, ORIENTATION), fast=args.fast, device=device)
     hu, anatomy = prepare_case(image, labels, pipe)
     logger.info("processed volume %s (D, H, W); anatomies present: %s", hu.shape,
                 [pipe.anatomy_names[i - 1] for i in np.unique(anatomy) if i])

@@ -53,6 +53,9 @@ DEFAULT_CONFIG = Path("configs/pipeline.yaml")
 SPLITS = ("train", "valid")
 METADATA_FILES = {"train": "metadata/train_metadata.csv", "valid": "metadata/validation_metadata.csv"}
 NIFTI_GZ = ".nii.gz"
+# Label resampling in resize: the release's legacy "nearest", or "nearest-exact" (the voxel nearest to
+# the image's sample point; opt-in, docs/fidelity.md).
+MASK_INTERPOLATIONS = ("nearest", "nearest-exact")
 
 
 class PipelineError(Exception):
@@ -77,6 +80,7 @@ class PipelineConfig:
     hu_window: tuple[float, float]
     crop_margin_dhw: tuple[int, int, int]
     min_size_dhw: tuple[int, int, int]
+    mask_interpolation: str = "nearest"  # F.interpolate mode of the labels in resize; "nearest" = the release
 
     @property
     def n_anatomies(self) -> int:
@@ -123,10 +127,15 @@ def load_pipeline_config(path: str | Path | None = None) -> PipelineConfig:
     min_size = _numbers(cfg, "min_size_dhw", 3, int)
     if min(spacing) <= 0 or window[1] <= window[0] or min(margin) < 0 or min(min_size) < 1:
         raise PipelineError(f"{path}: spacing must be > 0, hu_window increasing, margins >= 0, sizes >= 1")
+    mask_interpolation = cfg.get("mask_interpolation", "nearest")
+    if mask_interpolation not in MASK_INTERPOLATIONS:
+        raise PipelineError(f"{path}: mask_interpolation must be one of {MASK_INTERPOLATIONS}, "
+                            f"got {mask_interpolation!r}")
     return PipelineConfig(
         anatomy_names=[a["name"] for a in anatomies],
         anatomy_classes=[[str(c) for c in a["classes"]] for a in anatomies],
-        target_spacing_xyz=spacing, hu_window=window, crop_margin_dhw=margin, min_size_dhw=min_size)
+        target_spacing_xyz=spacing, hu_window=window, crop_margin_dhw=margin, min_size_dhw=min_size,
+        mask_interpolation=mask_interpolation)
 
 
 # ---------------------------------------------------------------------------- case names and lists
@@ -191,6 +200,7 @@ class RunSummary:
     skipped: int = 0
     failed: list[tuple[str, str]] = field(default_factory=list)
     failures_csv: Path | None = None
+    results: dict[str, object] = field(default_factory=dict)  # what each processed case's fn returned
 
     def line(self) -> str:
         shard = f" shard {self.shard[0]}/{self.shard[1]}" if self.shard[1] > 1 else ""
@@ -203,12 +213,13 @@ def failures_csv_path(data_root: Path, step: str, split: str, shard: tuple[int, 
     return Path(data_root) / f"{step}_{split}{part}_failures.csv"
 
 
-def _write_failures(path: Path, failed: list[tuple[str, str]]) -> None:
+def write_csv(path: Path, header: Sequence[str], rows: Sequence[Sequence[object]]) -> None:
+    """Write a CSV atomically (``.tmp-`` sibling, then ``os.replace``)."""
     tmp = tmp_path_for(path)
     with open(tmp, "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["volume", "reason"])
-        writer.writerows(sorted(failed))
+        writer.writerow(header)
+        writer.writerows(rows)
     os.replace(tmp, path)
 
 
@@ -235,9 +246,10 @@ def run_tasks(step: str, split: str, data_root: str | Path, tasks: Sequence[Task
         else:
             todo.append(task)
 
-    def record(name: str, exc: BaseException | None) -> None:
+    def record(name: str, exc: BaseException | None, result: object = None) -> None:
         if exc is None:
             summary.processed += 1
+            summary.results[name] = result
             return
         summary.failed.append((name, _reason(exc)))
         logger.warning("%s %s failed: %s", step, name, _reason(exc), exc_info=None if isinstance(exc, CaseError) else exc)
@@ -246,8 +258,7 @@ def run_tasks(step: str, split: str, data_root: str | Path, tasks: Sequence[Task
         if workers == 1:
             for task in todo:
                 try:
-                    task.fn()
-                    record(task.name, None)
+                    record(task.name, None, task.fn())
                 except Exception as exc:  # recorded as a failed case
                     record(task.name, exc)
                 bar.update()
@@ -255,9 +266,10 @@ def run_tasks(step: str, split: str, data_root: str | Path, tasks: Sequence[Task
             with ProcessPoolExecutor(max_workers=workers) as pool:
                 futures = {pool.submit(task.fn): task.name for task in todo}
                 for future in as_completed(futures):
-                    record(futures[future], future.exception())
+                    exc = future.exception()
+                    record(futures[future], exc, None if exc else future.result())
                     bar.update()
-    _write_failures(summary.failures_csv, summary.failed)
+    write_csv(summary.failures_csv, ("volume", "reason"), sorted(summary.failed))
     logger.info(summary.line())
     return summary
 

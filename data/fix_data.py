@@ -12,6 +12,27 @@ Cases are the raw volumes found under ``{split}/``; a volume without a metadata
 row is a failed case (metadata rows without a volume are ignored, so a partial
 download works).
 
+CT-RATE v1 or v2 (spec §2): the current download (v2, ``{split}_fixed/``) already
+holds HU and the true geometry while the metadata still lists the rescale, so each
+volume found under ``{split}/`` is classified before anything is applied:
+
+- values (decisive when they are): a chest CT in HU holds air (>= 0.5 % of voxels in
+  [-1100, -900] HU), almost nothing less dense than air short of a padding value
+  (< 5 % in (-2000, -1100) HU) and something denser than water (max >= 100 HU).
+  v1 when only ``stored * slope + intercept`` looks like that, v2 when only the
+  stored values do, a failed case when neither does. The tests run on a sample
+  (every 4th voxel along each axis).
+- header geometry (tie-break, e.g. slope 1 and intercept 0, where both read alike):
+  v2 when spacing, origin and direction equal the metadata row's (1e-3 mm, 1e-2 mm,
+  1e-3), v1 otherwise (v1 headers do not carry the real geometry).
+
+Only v1 is rescaled; both are written with the metadata geometry, so the two
+versions of a scan give the same fixed file. The decision per volume goes to
+``fix_{split}_versions.csv`` (``volume,version,evidence``; ``_shardKofN`` like the
+failures file; a rerun updates the rows of the volumes it fixes and keeps the
+others). A data root with ``{split}_fixed/`` and no ``{split}/`` (the v2 download
+as is) has nothing to fix: the step says so and exits 0.
+
 ``--config`` is accepted like in every step; fix needs no setting from it.
 
 Usage: ``cd data && python fix_data.py --split train`` or
@@ -21,6 +42,7 @@ from __future__ import annotations
 
 import ast
 import csv
+import logging
 import math
 import sys
 from dataclasses import dataclass
@@ -35,8 +57,10 @@ import numpy as np
 import SimpleITK as sitk
 
 from data.cache import VolumeReadError, check_complete, write_volume
-from data.common import (METADATA_FILES, CaseError, PipelineError, RunSummary, Task, list_inputs, run_cli,
-                         run_tasks, step_parser, volume_relpath)
+from data.common import (METADATA_FILES, CaseError, PipelineError, RunSummary, Task, failures_csv_path,
+                         list_inputs, run_cli, run_tasks, step_parser, volume_relpath, write_csv)
+
+logger = logging.getLogger(__name__)
 
 METADATA_COLUMNS = ("XYSpacing", "ZSpacing", "ImagePositionPatient", "ImageOrientationPatient",
                     "RescaleSlope", "RescaleIntercept")
@@ -117,16 +141,52 @@ def read_sitk(path: Path, what: str = "NIfTI") -> sitk.Image:
     return image
 
 
+def looks_like_hu(values: np.ndarray) -> bool:
+    """A chest CT in HU: air present, hardly anything less dense than air (padding aside), max >= 100 HU."""
+    n = values.size
+    air = np.count_nonzero((values >= -1100) & (values <= -900))
+    below_air = np.count_nonzero((values > -2000) & (values < -1100))
+    return air >= 0.005 * n and below_air < 0.05 * n and values.max() >= 100
+
+
+def header_matches(image: sitk.Image, geometry: FixGeometry) -> bool:
+    """Header spacing, origin and direction equal the metadata row's (v2 headers carry the true geometry)."""
+    return (np.allclose(image.GetSpacing(), geometry.spacing_xyz, rtol=0, atol=1e-3)
+            and np.allclose(image.GetOrigin(), geometry.origin_xyz, rtol=0, atol=1e-2)
+            and np.allclose(image.GetDirection(), geometry.direction, rtol=0, atol=1e-3))
+
+
+def ctrate_version(image: sitk.Image, stored: np.ndarray, geometry: FixGeometry) -> tuple[int, str]:
+    """(1 or 2, evidence) for one volume found under ``{split}/`` (module docstring); ``CaseError`` if neither."""
+    sample = np.asarray(stored[::4, ::4, ::4], dtype=np.float32)
+    as_stored = looks_like_hu(sample)
+    rescaled = looks_like_hu(sample * np.float32(geometry.slope) + np.float32(geometry.intercept))
+    header = 2 if header_matches(image, geometry) else 1
+    rescale = f"slope {geometry.slope:g}, intercept {geometry.intercept:g}"
+    if not (as_stored or rescaled):
+        raise CaseError(f"neither CT-RATE v1 nor v2: the values are not HU as stored nor after the metadata "
+                        f"rescale ({rescale}; stored range {stored.min()}..{stored.max()})")
+    if as_stored != rescaled:
+        version = 2 if as_stored else 1
+        agree = "agrees" if header == version else "disagrees"
+        return version, f"values are HU {'as stored' if as_stored else 'after ' + rescale}; header {agree}"
+    return header, (f"values read as HU either way ({rescale}); header "
+                    f"{'equals' if header == 2 else 'differs from'} the metadata geometry")
+
+
 def fix_case(src: Path, dst: Path, row: Mapping[str, str] | None, *, compresslevel: int = 0) -> dict:
-    """Fix one raw volume: write ``dst`` (int16 HU, metadata geometry). Returns the geometry."""
+    """Fix one volume: write ``dst`` (int16 HU, metadata geometry), rescaling it only if it is v1 raw."""
     if row is None:
         raise CaseError("no metadata row")
     geometry = fix_geometry(row)
     image = read_sitk(src)
-    hu = to_hu(sitk.GetArrayViewFromImage(image), geometry.slope, geometry.intercept)  # (D, H, W)
+    stored = sitk.GetArrayViewFromImage(image)  # (D, H, W)
+    version, evidence = ctrate_version(image, stored, geometry)
+    hu = to_hu(stored, geometry.slope, geometry.intercept) if version == 1 else to_hu(stored, 1.0, 0.0)
     write_volume(dst, hu, geometry.spacing_xyz, geometry.origin_xyz, geometry.direction,
                  compresslevel=compresslevel)
-    return {"shape_dhw": hu.shape, "spacing_xyz": geometry.spacing_xyz}
+    return {"shape_dhw": hu.shape, "spacing_xyz": geometry.spacing_xyz, "version": version,
+            "evidence": evidence}
 
 
 def read_metadata(data_root: Path, split: str) -> dict[str, dict[str, str]]:
@@ -144,8 +204,12 @@ def read_metadata(data_root: Path, split: str) -> dict[str, dict[str, str]]:
 
 def run(data_root: str | Path, split: str, *, overwrite: bool = False, workers: int = 1,
         shard: tuple[int, int] = (0, 1), pbar: bool = True, compresslevel: int = 0) -> RunSummary:
-    """Fix every raw volume of ``{data_root}/{split}/`` (this shard's part)."""
+    """Fix every volume of ``{data_root}/{split}/`` (this shard's part); nothing when only ``{split}_fixed/`` exists."""
     root = Path(data_root)
+    if not (root / split).is_dir() and (root / f"{split}_fixed").is_dir():
+        logger.info("fix %s: nothing to fix: %s holds the CT-RATE v2 download (already HU, true geometry) and "
+                    "there is no %s", split, root / f"{split}_fixed", root / split)
+        return run_tasks("fix", split, root, [], shard=shard, pbar=False)
     names = list_inputs(root / split)
     metadata = read_metadata(root, split)
     tasks = []
@@ -154,7 +218,29 @@ def run(data_root: str | Path, split: str, *, overwrite: bool = False, workers: 
         dst = root / f"{split}_fixed" / rel
         tasks.append(Task(name, (dst,), partial(fix_case, root / split / rel, dst, metadata.get(name),
                                                 compresslevel=compresslevel)))
-    return run_tasks("fix", split, root, tasks, overwrite=overwrite, workers=workers, shard=shard, pbar=pbar)
+    summary = run_tasks("fix", split, root, tasks, overwrite=overwrite, workers=workers, shard=shard, pbar=pbar)
+    versions = versions_csv_path(root, split, shard)
+    record = read_versions(versions)
+    record.update({name: (str(r["version"]), r["evidence"]) for name, r in summary.results.items()})
+    write_csv(versions, ("volume", "version", "evidence"), [(name, *record[name]) for name in sorted(record)])
+    counts = [sum(r["version"] == v for r in summary.results.values()) for v in (1, 2)]
+    logger.info("fix %s: this run CT-RATE v1 (rescaled) %d, v2 (already HU, not rescaled) %d (per volume: %s)",
+                split, *counts, versions)
+    return summary
+
+
+def read_versions(path: Path) -> dict[str, tuple[str, str]]:
+    """``volume -> (version, evidence)`` of earlier runs (empty when there is no file yet)."""
+    if not path.is_file():
+        return {}
+    with open(path, newline="") as f:
+        return {row["volume"]: (row["version"], row["evidence"]) for row in csv.DictReader(f)}
+
+
+def versions_csv_path(data_root: Path, split: str, shard: tuple[int, int]) -> Path:
+    """``fix_{split}[_shardKofN]_versions.csv``, next to the failures file."""
+    failures = failures_csv_path(data_root, "fix", split, shard)
+    return failures.with_name(failures.name.replace("_failures.csv", "_versions.csv"))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,12 +1,18 @@
 """Step 2, mask (spec §2.2): fixed volume -> ``{split}_mask/`` TotalSegmentator ``total`` labels (uint8).
 
-Default: TotalSegmentator's python API, task ``total`` (``--fast`` for the 3 mm
-model, ``--device``), with ``roi_subset`` = the classes the anatomy map merges.
+Default: TotalSegmentator's python API, the full task ``total`` as the release runs
+it (``totalsegmentator(image, quiet=True)``: all five parts, so where parts overlap
+at organ borders the later part wins as in the release). ``--fast`` selects the
+3 mm model, ``--device`` the device. ``--roi-subset`` (opt-in, faster, not the
+release) passes ``roi_subset`` = the classes the anatomy map merges: a 6 mm pass
+crops around them, then only the parts holding them run, so voxels at borders
+with the other parts' organs can differ from the release's masks.
 Before anything runs, the weights it needs are checked under its own lookup
 (``$TOTALSEG_WEIGHTS_PATH``, else ``$TOTALSEG_HOME_DIR/nnunet/results``, else
 ``~/.totalsegmentator/nnunet/results``; see ``totalsegmentator.config.get_weights_dir``):
-if any is missing the step stops with one line saying how to install them and
-writes nothing, so TotalSegmentator never starts a download. Its usage
+if any is missing the step stops with one line naming the download that fits the
+options (``totalseg_download_weights -t total``, or ``-t total_fast`` with
+``--fast``) and writes nothing, so TotalSegmentator never starts a download. Its usage
 statistics (posted after every prediction unless its ``config.json`` says
 ``"send_usage_stats": false``) are switched off before the first call.
 
@@ -16,7 +22,7 @@ must have the fixed image's shape and geometry (tolerance 1e-3) and only labels 
 ``totalsegmentator.map_to_binary.class_map["total"]``.
 
 Output: uint8 labels with the fixed image's geometry, ``.nii.gz`` at gzip level 1.
-``--config`` gives the anatomy map (for ``roi_subset``).
+``--config`` gives the anatomy map (for ``--roi-subset``).
 """
 from __future__ import annotations
 
@@ -38,7 +44,7 @@ from data.common import (CaseError, PipelineConfig, PipelineError, RunSummary, T
 from data.fix_data import read_sitk
 
 GEOMETRY_TOLERANCE = 1e-3
-INSTALL_HINT = ("run `totalseg_download_weights -t total` on a machine with internet access, then copy its "
+INSTALL_HINT = ("run `totalseg_download_weights -t {task}` on a machine with internet access, then copy its "
                 "~/.totalsegmentator/nnunet/results folder to {path} (or point $TOTALSEG_WEIGHTS_PATH at it)")
 
 
@@ -69,13 +75,18 @@ def required_weight_dirs(*, fast: bool, roi_subset: bool) -> list[Path]:
     return dirs
 
 
+def weights_download_task(*, fast: bool) -> str:
+    """``totalseg_download_weights -t`` task that installs every model the options need (both include the 6 mm one)."""
+    return "total_fast" if fast else "total"
+
+
 def check_totalseg_weights(*, fast: bool, roi_subset: bool) -> None:
     """Raise ``WeightsMissingError`` (one line, with the install recipe) unless all weights are present."""
     missing = [d for d in required_weight_dirs(fast=fast, roi_subset=roi_subset) if not d.is_dir()]
     if missing:
         raise WeightsMissingError(
             f"TotalSegmentator weights not installed ({', '.join(d.name for d in missing)}): "
-            + INSTALL_HINT.format(path=missing[0].parent))
+            + INSTALL_HINT.format(task=weights_download_task(fast=fast), path=missing[0].parent))
 
 
 def disable_usage_stats() -> Path:
@@ -163,7 +174,7 @@ def segment_case(image: Path, dst: Path, *, roi_subset: list[str] | None, fast: 
 def run(data_root: str | Path, split: str, *, overwrite: bool = False, workers: int = 1,
         shard: tuple[int, int] = (0, 1), pbar: bool = True, config: str | Path | None = None,
         masks_from: str | Path | None = None, fast: bool = False, device: str = "gpu",
-        roi_subset: bool = True) -> RunSummary:
+        roi_subset: bool = False) -> RunSummary:
     """Labels for every fixed volume of this shard; TotalSegmentator unless ``masks_from``."""
     root = Path(data_root)
     if masks_from is not None:
@@ -193,8 +204,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="take existing label maps from DIR/{split}/... instead of running TotalSegmentator")
     parser.add_argument("--device", default="gpu", help="TotalSegmentator device: gpu, gpu:N, cpu, mps")
     parser.add_argument("--fast", action="store_true", help="TotalSegmentator 3 mm model")
-    parser.add_argument("--no-roi-subset", dest="roi_subset", action="store_false",
-                        help="segment all 117 classes instead of only those the anatomy map needs")
+    parser.add_argument("--roi-subset", action="store_true",
+                        help="segment only the classes the anatomy map needs (faster; masks differ from the "
+                             "release's at organ borders)")
     args = parser.parse_args(argv)
     return run_cli(lambda: run(args.data_root, args.split, overwrite=args.overwrite, workers=args.workers,
                                shard=args.shard, pbar=not args.no_pbar, config=args.config,

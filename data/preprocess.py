@@ -1,8 +1,10 @@
 """Step 4, preprocess (spec §2.4): resized image + anatomy mask -> the training cache.
 
-Crop to the bounding box of all non-zero anatomy voxels, extended by
-``crop_margin_dhw`` voxels (clamped to the volume), then pad symmetrically (the
-extra voxel after) to at least ``min_size_dhw`` with ``pad_hu`` = the low end of
+Crop, as the release does, to ``[max(first - ext, 0), min(last + ext, size))`` per
+axis, ``first``/``last`` the extreme indices of non-zero anatomy voxels and ``ext`` =
+``crop_margin_dhw``: the end is exclusive, so the margin is ``ext`` before the
+anatomies and ``ext - 1`` after. Then pad to at least ``min_size_dhw``,
+``(min - size) // 2`` before and the rest after, with ``pad_hu`` = the low end of
 ``hu_window`` (scales to 0) and mask 0. Every anatomy id present before is
 checked to be present after; a mask without any anatomy is a failed case.
 
@@ -64,7 +66,7 @@ def crop_pad_window(mask_dhw: np.ndarray, cfg: PipelineConfig) -> CropPad:
     for first, last, margin, size, minimum in zip(
             (along_d[0], along_h[0], along_w[0]), (along_d[-1], along_h[-1], along_w[-1]),
             cfg.crop_margin_dhw, mask_dhw.shape, cfg.min_size_dhw):
-        lo, hi = max(int(first) - margin, 0), min(int(last) + 1 + margin, size)
+        lo, hi = max(int(first) - margin, 0), min(int(last) + margin, size)  # exclusive end, as the release
         need = max(minimum - (hi - lo), 0)
         start.append(lo), stop.append(hi), before.append(need // 2), after.append(need - need // 2)
     return CropPad(tuple(start), tuple(stop), tuple(before), tuple(after))

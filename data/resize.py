@@ -1,10 +1,24 @@
-"""Step 3, resize (spec §2.3): fixed image + TotalSegmentator labels -> anatomy ids at the target spacing.
+"""Step 3, resize (spec §2.3): fixed image + TotalSegmentator labels -> anatomy ids on the release's grid.
 
 a. Merge: TotalSegmentator ``total`` class ids -> anatomy ids (1-based order of
    the anatomy map YAML, 0 = everything else) through one 256-entry lookup table.
-b. Resample the image (trilinear) and the labels (nearest) onto the grid with
-   the target spacing (``target_spacing_xyz``), the same origin and direction,
-   and ``int(size * spacing / target)`` voxels per axis.
+b. Resample exactly as the release does (its weights were trained on this grid):
+   ``m = int(n * spacing / target)`` voxels per axis (``target_spacing_xyz``), the
+   image by ``torch.nn.functional.interpolate(size=m, mode="trilinear",
+   align_corners=False)`` (output voxel i samples input coordinate
+   ``(i + 0.5) * n / m - 0.5``, clamped at the edges), rounded to int16; the labels
+   by PyTorch's legacy ``mode="nearest"`` (input index ``min(floor(i * n / m), n - 1)``,
+   ``n / m`` in float32, half a voxel from the image's sample point, as in the release). The pipeline
+   setting ``mask_interpolation: nearest-exact`` instead takes the input voxel
+   nearest to the image's sample point (not the release; docs/fidelity.md).
+
+Headers: spacing ``n * spacing / m`` (the field of view is kept, so it is only
+about the target) and origin = the physical position of the image's sample point
+of voxel 0, ``origin + direction @ ((n / m - 1) / 2 * spacing)``, so the image
+overlays the fixed volume exactly (the mask, by the release's rule, sits up to half
+an output voxel off). The calls are PyTorch's own, on the threads torch is given
+(``OMP_NUM_THREADS``); on one thread they are faster than the SimpleITK resampler
+they replaced (docs/fidelity.md).
 
 Nearest-neighbour resampling commutes with the voxel-wise merge, so the labels
 are resampled first and merged on the (smaller) output grid: same result, fewer
@@ -23,6 +37,8 @@ if __package__ in (None, ""):  # run as `python resize.py` from inside data/
 
 import numpy as np
 import SimpleITK as sitk
+import torch
+import torch.nn.functional as F
 
 from data.cache import write_volume
 from data.common import (PipelineConfig, PipelineError, RunSummary, Task, list_inputs, load_pipeline_config,
@@ -58,23 +74,36 @@ def target_size(size_xyz: Sequence[int], spacing_xyz: Sequence[float], target_xy
     return [max(int(n * s / t), 1) for n, s, t in zip(size_xyz, spacing_xyz, target_xyz)]
 
 
-def resample_case(image: sitk.Image, labels: sitk.Image, target_spacing_xyz: Sequence[float], *,
-                  pad_hu: int = -1150) -> tuple[sitk.Image, sitk.Image]:
-    """Image (trilinear, rounded to int16) and labels (nearest, uint8) on the target-spacing grid.
+def resampled_geometry(image: sitk.Image, size_xyz: Sequence[int]) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """(spacing, origin) of ``image`` stretched onto ``size_xyz`` voxels with the field of view kept."""
+    n = np.asarray(image.GetSize(), dtype=np.float64)
+    spacing = np.asarray(image.GetSpacing(), dtype=np.float64)
+    ratio = n / np.asarray(size_xyz, dtype=np.float64)
+    shift = np.asarray(image.GetDirection(), dtype=np.float64).reshape(3, 3) @ ((ratio - 1) / 2 * spacing)
+    return tuple((ratio * spacing).tolist()), tuple((np.asarray(image.GetOrigin()) + shift).tolist())
 
-    Same origin and direction; points beyond the input get ``pad_hu`` / 0.
-    ``labels`` may be TotalSegmentator ids or merged anatomy ids.
+
+def resample_case(image: sitk.Image, labels: sitk.Image, target_spacing_xyz: Sequence[float], *,
+                  mask_interpolation: str = "nearest") -> tuple[sitk.Image, sitk.Image]:
+    """Image (trilinear, rounded to int16) and labels (uint8) on the release's grid (module docstring).
+
+    ``labels`` may be TotalSegmentator ids or merged anatomy ids; ``mask_interpolation``
+    is the ``F.interpolate`` mode of the labels (``nearest``: the release).
     """
-    size = target_size(image.GetSize(), image.GetSpacing(), target_spacing_xyz)
-    spacing = tuple(float(s) for s in target_spacing_xyz)
-    grid = (size, sitk.Transform())
-    geometry = (image.GetOrigin(), spacing, image.GetDirection())
-    resampled = sitk.Resample(image, *grid, sitk.sitkLinear, *geometry, float(pad_hu), sitk.sitkFloat32)
-    hu = np.rint(sitk.GetArrayViewFromImage(resampled)).astype(np.int16)
-    out_image = sitk.GetImageFromArray(hu, isVector=False)
-    out_image.CopyInformation(resampled)
-    out_labels = sitk.Resample(labels, *grid, sitk.sitkNearestNeighbor, *geometry, 0, sitk.sitkUInt8)
-    return out_image, out_labels
+    size_xyz = target_size(image.GetSize(), image.GetSpacing(), target_spacing_xyz)
+    size_dhw = size_xyz[::-1]
+    hu = torch.from_numpy(sitk.GetArrayFromImage(image).astype(np.float32, copy=False))
+    hu = F.interpolate(hu[None, None], size=size_dhw, mode="trilinear", align_corners=False)[0, 0].numpy()
+    np.clip(np.rint(hu, out=hu), -32768, 32767, out=hu)  # predict.py may pass HU that is not int16
+    ids = torch.from_numpy(sitk.GetArrayFromImage(labels).astype(np.uint8, copy=False))
+    ids = F.interpolate(ids[None, None], size=size_dhw, mode=mask_interpolation)[0, 0].numpy()
+    spacing, origin = resampled_geometry(image, size_xyz)
+    out = []
+    for array in (hu.astype(np.int16), ids):
+        volume = sitk.GetImageFromArray(array, isVector=False)
+        volume.SetSpacing(spacing), volume.SetOrigin(origin), volume.SetDirection(image.GetDirection())
+        out.append(volume)
+    return out[0], out[1]
 
 
 def resize_case(image_src: Path, mask_src: Path, image_dst: Path, mask_dst: Path, cfg: PipelineConfig,
@@ -83,7 +112,8 @@ def resize_case(image_src: Path, mask_src: Path, image_dst: Path, mask_dst: Path
     image = read_sitk(image_src, "image")
     labels = read_sitk(mask_src, "mask")
     check_same_geometry(image, labels)
-    out_image, out_labels = resample_case(image, labels, cfg.target_spacing_xyz, pad_hu=cfg.pad_hu)
+    out_image, out_labels = resample_case(image, labels, cfg.target_spacing_xyz,
+                                          mask_interpolation=cfg.mask_interpolation)
     anatomy = merge_labels(sitk.GetArrayViewFromImage(out_labels), lut)
     geometry = (out_image.GetSpacing(), out_image.GetOrigin(), out_image.GetDirection())
     write_volume(image_dst, sitk.GetArrayViewFromImage(out_image), *geometry)

@@ -6,9 +6,11 @@ descending), esophagus, vertebrae with spinal cord, ribs, sternum, liver and sto
 drawn per scan, painted into the image and written consistently into the report, the anatomy-wise
 decomposition (desc_info.json / conc_info.json) and the labels CSV.
 
-Files are stored the way CT-RATE stores them: the raw NIfTI is written by SimpleITK from the (z, y, x)
-array of stored integers, so its header says spacing (1, 1, 1), origin 0 and identity direction; the real
-geometry and the HU rescale live only in the metadata CSV. `totalseg_gt/` holds TotalSegmentator `total`
+Files are stored the way CT-RATE stores them. v1 (the original upload, the default): `{split}/...` holds
+the raw NIfTI written by SimpleITK from the (z, y, x) array of stored integers, so its header says spacing
+(1, 1, 1), origin 0 and identity direction; the real geometry and the HU rescale live only in the metadata
+CSV. v2 (`--ctrate-version 2`, today's download): `{split}_fixed/...` holds int16 HU with the true geometry
+instead, and the metadata CSV is unchanged (it still lists the rescale). `totalseg_gt/` holds TotalSegmentator `total`
 label maps with the true geometry, for `generate_mask --masks-from`.
 
 Determinism: every random choice comes from a generator seeded by (seed, a stream tag, split, patient,
@@ -877,12 +879,15 @@ def _write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _volume_job(args: tuple[str, int, dict[str, Any], bool]) -> dict[str, Any]:
-    """Render and write one reconstruction (raw + ground-truth labels); returns its manifest entry."""
-    out_dir, seed, entry, realistic = args
+def _volume_job(args: tuple[str, int, dict[str, Any], bool, int]) -> dict[str, Any]:
+    """Render and write one reconstruction (v1 raw or v2 HU, + ground-truth labels); returns its manifest entry."""
+    out_dir, seed, entry, realistic, ctrate_version = args
     truth, stored, lab, grid, info = truth_volume(seed, entry, realistic)
     rel = Path(entry["split"]) / entry["patient"] / entry["scan"] / entry["name"]
-    _write_image(Path(out_dir) / rel, stored, None)
+    if ctrate_version == 1:
+        _write_image(Path(out_dir) / rel, stored, None)
+    else:
+        _write_image(Path(out_dir) / f"{entry['split']}_fixed" / rel.relative_to(entry["split"]), truth, grid)
     _write_image(Path(out_dir) / "totalseg_gt" / rel, lab, grid)
     return {**entry, "shape_dhw": list(grid.shape_dhw), "spacing_xyz": list(grid.spacing_xyz),
             "origin_xyz": list(grid.origin_xyz), "direction": list(DIRECTION), "rescale_slope": info["slope"],
@@ -913,8 +918,11 @@ def _layout(seed: int, split: str, split_id: int, n_scans: int) -> list[dict[str
 
 
 def generate_dataset(out_dir: str | Path, *, n_train: int = 24, n_valid: int = 12, seed: int = 0,
-                     realistic: bool = False, workers: int = 1) -> dict[str, Any]:
-    """Write a synthetic CT-RATE (n_* = number of scans per split) under `out_dir`; returns the manifest."""
+                     realistic: bool = False, workers: int = 1, ctrate_version: int = 1) -> dict[str, Any]:
+    """Write a synthetic CT-RATE (n_* = number of scans per split) under `out_dir`; returns the manifest.
+    `ctrate_version` 1 writes raw volumes under `{split}/`, 2 HU volumes under `{split}_fixed/`."""
+    if ctrate_version not in (1, 2):
+        raise ValueError(f"ctrate_version must be 1 or 2, got {ctrate_version!r}")
     import pandas as pd
     from tqdm import tqdm
 
@@ -923,7 +931,7 @@ def generate_dataset(out_dir: str | Path, *, n_train: int = 24, n_valid: int = 1
     anatomies = [a for a, _ in load_anatomies()]
     desc_info: dict[str, dict[str, str]] = {}
     conc_info: dict[str, dict[str, str]] = {}
-    jobs: list[tuple[str, int, dict[str, Any], bool]] = []
+    jobs: list[tuple[str, int, dict[str, Any], bool, int]] = []
     rows: dict[str, dict[str, list[dict[str, Any]]]] = {}
     for split_id, (split, n) in enumerate((("train", n_train), ("valid", n_valid))):
         rows[split] = {"metadata": [], "reports": [], "labels": []}
@@ -940,7 +948,7 @@ def generate_dataset(out_dir: str | Path, *, n_train: int = 24, n_valid: int = 1
                 name = f"{sc['scan']}_{recon}.nii.gz"
                 entry = {k: sc[k] for k in ("split", "split_id", "patient", "patient_no", "scan", "scan_idx",
                                             "abnormalities")} | {"name": name, "recon": recon}
-                jobs.append((str(out), seed, entry, realistic))
+                jobs.append((str(out), seed, entry, realistic, ctrate_version))
                 grid, info = recon_grid(p, _rngs(seed, _RECON, *key, recon), recon, realistic)
                 rows[split]["metadata"].append(_metadata_row(name, grid, info, rng, study))
                 rows[split]["reports"].append(_report_row(name, text, rng, grid, anatomies))
@@ -961,7 +969,8 @@ def generate_dataset(out_dir: str | Path, *, n_train: int = 24, n_valid: int = 1
     _write_text(out / "desc_info.json", json.dumps(desc_info, indent=1))
     _write_text(out / "conc_info.json", json.dumps(conc_info, indent=1))
     manifest = {"generator_version": GENERATOR_VERSION, "seed": seed, "n_train": n_train, "n_valid": n_valid,
-                "realistic": realistic, "simulated": {k: v[0] for k, v in SIMULATED.items()},
+                "realistic": realistic, "ctrate_version": ctrate_version,
+                "simulated": {k: v[0] for k, v in SIMULATED.items()},
                 "volumes": entries}
     _write_text(out / MANIFEST, json.dumps(manifest, indent=1))
     logger.info("wrote %d volumes to %s", len(entries), out)
@@ -1038,6 +1047,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--realistic", action="store_true", help="512x512x~240 at ~0.7x0.7x1.5 mm (benchmarks)")
     ap.add_argument("--workers", type=int, default=1)
+    ap.add_argument("--ctrate-version", type=int, choices=(1, 2), default=1,
+                    help="1: raw volumes under {split}/ (original upload); 2: HU with true geometry under "
+                         "{split}_fixed/ (today's download)")
     ap.add_argument("--write-demo-bert", metavar="DIR", nargs="?", const=str(DEMO_BERT_DIR),
                     help=f"(re)write the demo BERT vocab/config (default {DEMO_BERT_DIR}) and exit")
     return ap
@@ -1055,7 +1067,7 @@ def main(argv: list[str] | None = None) -> int:
     if min(args.n_train, args.n_valid) < 1 or args.workers < 1:
         ap.error("--n-train, --n-valid and --workers must be >= 1")
     generate_dataset(args.out, n_train=args.n_train, n_valid=args.n_valid, seed=args.seed,
-                     realistic=args.realistic, workers=args.workers)
+                     realistic=args.realistic, workers=args.workers, ctrate_version=args.ctrate_version)
     return 0
 
 

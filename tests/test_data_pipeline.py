@@ -210,17 +210,21 @@ def test_resize_sizes_spacing_and_labels(processed):
         out_rel = volume_relpath(name).with_name(name.replace(".nii.gz", ".nii"))
         image = sitk.ReadImage(str(processed / "resized_train_images" / out_rel))
         mask = sitk.ReadImage(str(processed / "resized_train_masks" / out_rel))
-        expected = [int(n * s / t) for n, s, t in zip(fixed.GetSize(), fixed.GetSpacing(), cfg.target_spacing_xyz)]
+        n = np.asarray(fixed.GetSize())
+        expected = [int(k * s / t) for k, s, t in zip(n, fixed.GetSpacing(), cfg.target_spacing_xyz)]
         assert list(image.GetSize()) == expected == list(mask.GetSize())
-        assert np.allclose(image.GetSpacing(), cfg.target_spacing_xyz, atol=1e-5)
-        assert np.allclose(image.GetOrigin(), fixed.GetOrigin(), atol=1e-3)
+        # field of view kept (spec §2.3b): spacing n * s / m, voxel 0 at input coordinate (n / m - 1) / 2
+        ratio = n / np.asarray(expected)
+        assert np.allclose(image.GetSpacing(), ratio * np.asarray(fixed.GetSpacing()), atol=1e-5)
+        assert np.allclose(image.GetOrigin(), fixed.TransformContinuousIndexToPhysicalPoint((ratio - 1) / 2),
+                           atol=1e-3)
+        assert np.allclose(mask.GetOrigin(), image.GetOrigin()) and mask.GetSpacing() == image.GetSpacing()
         assert image.GetPixelID() == sitk.sitkInt16 and mask.GetPixelID() == sitk.sitkUInt8
-        # nearest neighbour: output voxel k takes input voxel round(k * target / spacing) of the merged truth
+        # PyTorch's legacy nearest: output voxel k takes input voxel floor(k * n / m) of the merged truth
         truth = resize.merge_labels(load_truth(processed, name)["labels"], lut)
         m = sitk.GetArrayFromImage(mask)
-        ratio = np.asarray(cfg.target_spacing_xyz[::-1]) / np.asarray(fixed.GetSpacing()[::-1])
         for idx in np.random.default_rng(0).integers(0, m.shape, size=(200, 3)):
-            src = np.floor(idx * ratio + 0.5).astype(int)
+            src = np.floor(idx * ratio[::-1]).astype(int)
             assert m[tuple(idx)] == truth[tuple(src)]
 
 
@@ -236,7 +240,8 @@ def test_preprocess_invariants(processed):
             processed / "processed_train_images"))
         assert set(np.unique(resized_mask)) == set(np.unique(mask))
         assert scale_hu(image[:1, :1, :1], cfg.hu_window)[0, 0, 0] == 0.0  # corner = padding (tiny volumes)
-        assert np.allclose(read_spacing_xyz(path), cfg.target_spacing_xyz, atol=1e-5)
+        assert read_spacing_xyz(path) == pytest.approx(read_spacing_xyz(processed / "resized_train_images" /
+                                                                         path.relative_to(processed / "processed_train_images")))
 
 
 def test_crop_pad_case_margins_clamp_and_symmetric_pad():
@@ -246,13 +251,13 @@ def test_crop_pad_case_margins_clamp_and_symmetric_pad():
     mask[15, 40, 100] = 3
     image = np.full(mask.shape, 100, np.int16)
     out_image, out_mask = preprocess.crop_pad_case(image, mask, cfg)
-    # D: [8, 22) -> 14 voxels, pad 26 -> 13/13; H: [0, 46) (clamped at 0) -> pad 2 -> 1/1;
-    # W: [45, 106) -> 61, pad 11 -> 5/6 (the odd voxel after)
+    # exclusive end at last + margin (spec §2.4): D: [8, 21) -> 13 voxels, pad 27 -> 13/14;
+    # H: [0, 45) (clamped at 0) -> pad 3 -> 1/2; W: [45, 105) -> 60, pad 12 -> 6/6
     assert out_image.shape == (40, 48, 72)
-    assert out_mask[13:27, 1:47, 5:66].sum() == mask.sum() and out_mask.sum() == mask.sum()
-    assert (out_image[13:27, 1:47, 5:66] == 100).all() and (out_image == 100).sum() == 14 * 46 * 61
+    assert out_mask[13:26, 1:46, 6:66].sum() == mask.sum() and out_mask.sum() == mask.sum()
+    assert (out_image[13:26, 1:46, 6:66] == 100).all() and (out_image == 100).sum() == 13 * 45 * 60
     assert (out_image[:13] == cfg.pad_hu).all() and (out_image[:, :, 66:] == cfg.pad_hu).all()
-    assert (out_image[:, :1] == cfg.pad_hu).all() and (out_image[:, :, :5] == cfg.pad_hu).all()
+    assert (out_image[:, :1] == cfg.pad_hu).all() and (out_image[:, :, :6] == cfg.pad_hu).all()
     assert scale_hu(np.int16(cfg.pad_hu), cfg.hu_window) == 0.0
     big = np.zeros((80, 100, 120), np.uint8)
     big[1:79, 3:97, 2:118] = 2
@@ -451,21 +456,38 @@ def test_bad_shard_is_rejected(text, work):
 
 # ---------------------------------------------------------------------------- TotalSegmentator
 
-def test_missing_totalsegmentator_weights_fail_fast_and_write_nothing(processed, tmp_path, monkeypatch, caplog):
+@pytest.mark.parametrize("options, download, models", [
+    ([], "-t total`", "Dataset291"), (["--fast"], "-t total_fast`", "Dataset297"),
+    (["--roi-subset"], "-t total`", "Dataset298")])
+def test_missing_totalsegmentator_weights_fail_fast_and_write_nothing(options, download, models, processed,
+                                                                      tmp_path, monkeypatch, caplog):
+    import totalsegmentator.python_api as api
     root = tmp_path / "root"
     shutil.copytree(processed, root, ignore=shutil.ignore_patterns("*_mask", "resized_*", "processed_*"))
     monkeypatch.setenv("TOTALSEG_HOME_DIR", str(tmp_path / "tshome"))
     monkeypatch.delenv("TOTALSEG_WEIGHTS_PATH", raising=False)
+    monkeypatch.setattr(api, "totalsegmentator", lambda *a, **k: pytest.fail("TotalSegmentator was started"))
     before = all_files(root)
-    assert generate_mask.main(["--data-root", str(root), "--split", "train", "--no-pbar"]) == 2
+    assert generate_mask.main(["--data-root", str(root), "--split", "train", "--no-pbar", *options]) == 2
     message = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
     assert len(message) == 1 and "\n" not in message[0]
-    assert "totalseg_download_weights -t total" in message[0]
+    assert f"totalseg_download_weights {download}" in message[0] and models in message[0]
     assert all_files(root) == before and not (root / "train_mask").exists()
     assert not (tmp_path / "tshome").exists()
 
 
-def test_usage_stats_turned_off_before_totalsegmentator_runs(processed, tmp_path, monkeypatch):
+def test_weights_needed_by_the_full_task_and_the_opt_in_subset():
+    def names(**options):
+        return {d.name.split("_")[0] for d in generate_mask.required_weight_dirs(**options)}
+    full = {f"Dataset{k}" for k in (291, 292, 293, 294, 295)}
+    assert names(fast=False, roi_subset=False) == full
+    assert names(fast=False, roi_subset=True) == full | {"Dataset298"}
+    assert names(fast=True, roi_subset=False) == {"Dataset297"}
+    assert names(fast=True, roi_subset=True) == {"Dataset297", "Dataset298"}
+
+
+@pytest.mark.parametrize("roi_subset", [False, True])
+def test_usage_stats_turned_off_before_totalsegmentator_runs(roi_subset, processed, tmp_path, monkeypatch):
     import json
 
     import nibabel as nib
@@ -475,7 +497,7 @@ def test_usage_stats_turned_off_before_totalsegmentator_runs(processed, tmp_path
     home = tmp_path / "tshome"
     monkeypatch.setenv("TOTALSEG_HOME_DIR", str(home))
     monkeypatch.delenv("TOTALSEG_WEIGHTS_PATH", raising=False)
-    for folder in generate_mask.required_weight_dirs(fast=True, roi_subset=True):
+    for folder in generate_mask.required_weight_dirs(fast=True, roi_subset=roi_subset):
         folder.mkdir(parents=True)
     calls = []
 
@@ -488,11 +510,14 @@ def test_usage_stats_turned_off_before_totalsegmentator_runs(processed, tmp_path
 
     monkeypatch.setattr(api, "totalsegmentator", fake_totalsegmentator)
     assert generate_mask.main(["--data-root", str(root), "--split", "train", "--no-pbar", "--fast",
-                               "--device", "cpu"]) == 0
+                               "--device", "cpu"] + (["--roi-subset"] if roi_subset else [])) == 0
     assert calls and all(sent is False for sent, _ in calls)
     kwargs = calls[0][1]
     assert kwargs["task"] == "total" and kwargs["fast"] and kwargs["device"] == "cpu" and kwargs["ml"]
-    assert set(kwargs["roi_subset"]) == {c for cs in load_pipeline_config().anatomy_classes for c in cs}
+    if roi_subset:  # opt-in speed flag
+        assert set(kwargs["roi_subset"]) == {c for cs in load_pipeline_config().anatomy_classes for c in cs}
+    else:  # the release's call: the full `total` task
+        assert kwargs["roi_subset"] is None
     for name in raw_names(root):
         out = sitk.ReadImage(str(root / "train_mask" / volume_relpath(name)))
         assert np.array_equal(sitk.GetArrayFromImage(out), load_truth(root, name)["labels"])

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from data.cache import VolumeReadError, image_to_mask_path, list_volumes, open_volume, scale_hu
+from data.io import VolumeReadError, image_to_mask_path, list_volumes, open_volume, scale_hu
 from data.common import PipelineError, load_pipeline_config
 from models.zeroshot import ZeroShotScorer, prompt_features
 from utils.checkpoint import latest_checkpoint

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from data.cache import tmp_path_for
+from data.io import tmp_path_for
 from data.common import PipelineError, load_pipeline_config
 from data.dataset import CTRateTrainDataset
 from models.text_encoder import TextEncoderError, build_text_encoder

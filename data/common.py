@@ -44,7 +44,7 @@ from typing import Callable, Sequence
 import yaml
 from tqdm import tqdm
 
-from data.cache import tmp_path_for
+from data.io import tmp_path_for
 from utils.config import resolve_path
 
 logger = logging.getLogger(__name__)

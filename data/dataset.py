@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from data.cache import image_to_mask_path, list_volumes, open_volume, scale_hu
+from data.io import image_to_mask_path, list_volumes, open_volume, scale_hu
 from data.texts import compose_anatomy_text, is_abnormal, text_for_encoding, text_hash
 
 logger = logging.getLogger(__name__)

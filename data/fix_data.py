@@ -34,7 +34,7 @@ if __package__ in (None, ""):  # run as `python fix_data.py` from inside data/
 import numpy as np
 import SimpleITK as sitk
 
-from data.cache import VolumeReadError, check_complete, write_volume
+from data.io import VolumeReadError, check_complete, write_volume
 from data.common import (METADATA_FILES, CaseError, PipelineError, RunSummary, Task, list_inputs, run_cli,
                          run_tasks, step_parser, volume_relpath)
 

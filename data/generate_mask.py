@@ -32,7 +32,7 @@ import nibabel as nib
 import numpy as np
 import SimpleITK as sitk
 
-from data.cache import read_geometry, write_volume
+from data.io import read_geometry, write_volume
 from data.common import (CaseError, PipelineConfig, PipelineError, RunSummary, Task, list_inputs,
                          load_pipeline_config, run_cli, run_tasks, step_parser, volume_relpath)
 from data.fix_data import read_sitk

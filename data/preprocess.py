@@ -7,10 +7,10 @@ extra voxel after) to at least ``min_size_dhw`` with ``pad_hu`` = the low end of
 checked to be present after; a mask without any anatomy is a failed case.
 
 Cache format: ``processed_{split}_images/{patient}/{scan}/{stem}.nii`` uncompressed
-int16 HU (not scaled: ``data.cache.scale_hu`` clips and scales at read time) and
+int16 HU (not scaled: ``data.io.scale_hu`` clips and scales at read time) and
 ``processed_{split}_masks/.../{stem}.nii`` uint8 anatomy ids; the origin is moved
 by the crop/pad offset, so the cache still overlays the fixed image in a viewer.
-``data.cache.open_volume`` memory-maps them: a random crop reads only its voxels.
+``data.io.open_volume`` memory-maps them: a random crop reads only its voxels.
 """
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ if __package__ in (None, ""):  # run as `python preprocess.py` from inside data/
 
 import numpy as np
 
-from data.cache import VolumeReadError, open_volume, read_geometry, write_volume
+from data.io import VolumeReadError, open_volume, read_geometry, write_volume
 from data.common import (CaseError, PipelineConfig, RunSummary, Task, list_inputs, load_pipeline_config,
                          run_cli, run_tasks, step_parser, volume_relpath)
 

@@ -24,7 +24,7 @@ if __package__ in (None, ""):  # run as `python resize.py` from inside data/
 import numpy as np
 import SimpleITK as sitk
 
-from data.cache import write_volume
+from data.io import write_volume
 from data.common import (PipelineConfig, PipelineError, RunSummary, Task, list_inputs, load_pipeline_config,
                          nii_stem, run_cli, run_tasks, step_parser, volume_relpath)
 from data.fix_data import read_sitk

@@ -14,7 +14,7 @@ import pytest
 import SimpleITK as sitk
 
 from data import fix_data, generate_mask, preprocess, resize
-from data.cache import (geometry_from_affine, image_to_mask_path, list_volumes, open_volume, read_geometry,
+from data.io import (geometry_from_affine, image_to_mask_path, list_volumes, open_volume, read_geometry,
                         read_spacing_xyz, scale_hu, write_volume)
 from data.common import (CaseError, Task, load_pipeline_config, parse_shard, run_tasks, select_shard,
                          volume_relpath)

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from data.io import VolumeReadError, image_to_mask_path, list_volumes, open_volume, scale_hu
+from data.io import VolumeReadError, write_case_csv, image_to_mask_path, list_volumes, open_volume, scale_hu
 from data.common import PipelineError, load_pipeline_config
 from models.zeroshot import ZeroShotScorer, prompt_features
 from utils.checkpoint import latest_checkpoint
@@ -36,7 +36,6 @@ from utils.zeroshot import (
     ZeroShotSetupError,
     load_eval_model,
     load_items,
-    write_failures_csv,
     write_prediction_csv,
 )
 
@@ -129,7 +128,7 @@ def evaluate(args: argparse.Namespace) -> int:
         all_failures.extend(part_failures)
     write_prediction_csv(output, all_rows, items)
     failures_csv = output.with_name(output.stem + "_failures.csv")
-    write_failures_csv(failures_csv, all_failures)
+    write_case_csv(failures_csv, all_failures)
     logger.info("wrote %s (%d volumes); %d failed (%s)", output, len(all_rows), len(all_failures), failures_csv)
     if all_failures:
         logger.error("%d volume(s) could not be read, listed in %s", len(all_failures), failures_csv)

@@ -32,9 +32,7 @@ images) and ``data.preprocess.crop_pad_case`` (``(D, H, W)`` arrays).
 from __future__ import annotations
 
 import argparse
-import csv
 import logging
-import os
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
@@ -44,7 +42,7 @@ from typing import Callable, Sequence
 import yaml
 from tqdm import tqdm
 
-from data.io import tmp_path_for
+from data.io import write_case_csv
 from utils.config import resolve_path
 
 logger = logging.getLogger(__name__)
@@ -203,15 +201,6 @@ def failures_csv_path(data_root: Path, step: str, split: str, shard: tuple[int, 
     return Path(data_root) / f"{step}_{split}{part}_failures.csv"
 
 
-def _write_failures(path: Path, failed: list[tuple[str, str]]) -> None:
-    tmp = tmp_path_for(path)
-    with open(tmp, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["volume", "reason"])
-        writer.writerows(sorted(failed))
-    os.replace(tmp, path)
-
-
 def _reason(exc: BaseException) -> str:
     if isinstance(exc, CaseError):
         return exc.reason
@@ -257,7 +246,7 @@ def run_tasks(step: str, split: str, data_root: str | Path, tasks: Sequence[Task
                 for future in as_completed(futures):
                     record(futures[future], future.exception())
                     bar.update()
-    _write_failures(summary.failures_csv, summary.failed)
+    write_case_csv(summary.failures_csv, summary.failed)
     logger.info(summary.line())
     return summary
 

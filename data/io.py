@@ -1,4 +1,11 @@
-"""NIfTI I/O for the pipeline and the training cache.
+"""File I/O of the data steps, the training cache and the run outputs: NIfTI volumes, CSV reports, atomic writes.
+
+Atomic writes: every output is written to its ``.tmp-{name}`` sibling and renamed
+(``os.replace``) by ``atomic_output``, so a killed process never leaves a
+truncated file under the final name; the temporary name is deterministic, so a
+stale one left by a kill is simply overwritten by the next attempt, and it starts
+with a dot, so listings skip it. ``write_case_csv`` writes the per-case reports
+(``volume,reason`` failures, ``volume,warning`` warnings) with one line per cell.
 
 Array layout: every array here is ``(D, H, W)`` = ``(z, y, x)``, exactly what
 ``SimpleITK.GetArrayFromImage`` returns for the same file. On disk the files are
@@ -18,10 +25,13 @@ happens at read time (``scale_hu``).
 """
 from __future__ import annotations
 
+import csv
 import math
 import os
+import shutil
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Sequence
+from typing import Iterable, Iterator, Sequence
 
 import nibabel as nib
 import numpy as np
@@ -35,14 +45,49 @@ class VolumeReadError(ValueError):
     """A volume file is missing, corrupt, truncated or not in the expected format."""
 
 
-def tmp_path_for(path: str | Path) -> Path:
-    """Temporary sibling used for atomic writes: ``.tmp-{name}`` (same directory, same suffix).
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
 
-    The name is deterministic, so a stale file left by a killed run is simply
-    overwritten by the next attempt, and it starts with a dot, so listings skip it.
-    """
+
+@contextmanager
+def atomic_output(path: str | Path) -> Iterator[Path]:
+    """Yield the temporary sibling ``.tmp-{name}`` to write (a file or a directory); on success it
+    replaces ``path``, on any exception it is removed and ``path`` is left as it was."""
     path = Path(path)
-    return path.with_name(f".tmp-{path.name}")
+    tmp = path.with_name(f".tmp-{path.name}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _remove(tmp)  # a stale temporary of a killed run
+    try:
+        yield tmp
+    except BaseException:
+        _remove(tmp)
+        raise
+    if tmp.is_dir() and path.is_dir():  # os.replace cannot replace a non-empty directory
+        shutil.rmtree(path)
+    os.replace(tmp, path)
+
+
+def one_line(text: object) -> str:
+    """``text`` with every run of whitespace (newlines included) made one space: one CSV cell, one log line."""
+    return " ".join(str(text).split())
+
+
+def write_csv(path: str | Path, header: Sequence[str], rows: Iterable[Sequence[object]]) -> None:
+    """Atomically write a CSV (``header`` then ``rows``)."""
+    with atomic_output(path) as tmp, open(tmp, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(header)
+        writer.writerows(rows)
+
+
+def write_case_csv(path: str | Path, rows: Iterable[tuple[str, str]], header: Sequence[str] = ("volume", "reason")
+                   ) -> None:
+    """A per-case report (failures: ``volume,reason``; warnings: ``volume,warning``), sorted by volume,
+    each cell on one line; header only when ``rows`` is empty."""
+    write_csv(path, header, sorted((one_line(name), one_line(text)) for name, text in rows))
 
 
 def affine_from_geometry(spacing_xyz: Sequence[float], origin_xyz: Sequence[float],
@@ -125,7 +170,7 @@ def read_spacing_xyz(path: str | Path) -> tuple[float, float, float]:
 def write_volume(path: str | Path, array_dhw: np.ndarray, spacing_xyz: Sequence[float],
                  origin_xyz: Sequence[float] = (0.0, 0.0, 0.0),
                  direction: Sequence[float] = IDENTITY_DIRECTION, *, compresslevel: int = 1) -> None:
-    """Write a ``(D, H, W)`` array atomically (``.tmp-`` sibling, then ``os.replace``).
+    """Write a ``(D, H, W)`` array atomically (``atomic_output``).
 
     ``.nii`` is written uncompressed (the cache format); ``.nii.gz`` with gzip
     ``compresslevel`` (1 = fastest). The dtype is kept; no scaling is stored.
@@ -139,18 +184,16 @@ def write_volume(path: str | Path, array_dhw: np.ndarray, spacing_xyz: Sequence[
     img.header.set_xyzt_units("mm", "sec")
     img.set_qform(img.affine, code=1)
     img.set_sform(img.affine, code=1)
-    tmp = tmp_path_for(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    previous = nib.openers.Opener.default_compresslevel
-    nib.openers.Opener.default_compresslevel = compresslevel
-    try:
-        nib.save(img, str(tmp))
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    finally:
-        nib.openers.Opener.default_compresslevel = previous
-    os.replace(tmp, path)
+    with atomic_output(path) as tmp:
+        _save_nifti(img, tmp, compresslevel)
+
+
+def _save_nifti(img: nib.Nifti1Image, path: Path, compresslevel: int) -> None:
+    # nibabel's Opener picks gzip from the ".gz" suffix; the level is passed per file, never through
+    # its process-global Opener.default_compresslevel
+    level = {"compresslevel": compresslevel} if path.name.endswith(".gz") else {}
+    with nib.openers.Opener(str(path), "wb", **level) as f:
+        img.to_stream(f)
 
 
 def scale_hu(array: np.ndarray, hu_window: Sequence[float] = (-1150, 350)) -> np.ndarray:

@@ -288,19 +288,19 @@ def test_second_run_skips_and_changes_nothing(processed, tmp_path, caplog):
 def test_killed_write_leaves_no_final_file_and_rerun_is_correct(processed, work, monkeypatch):
     for step in ("fix", "mask", "resize"):
         assert run_step(step, work) == 0
-    import nibabel as nib
-    real_save = nib.save
+    import data.io
+    real_save = data.io._save_nifti
 
-    def dying_save(img, filename):  # writes half of the file, then the process "dies"
-        real_save(img, filename)
+    def dying_save(img, filename, compresslevel):  # writes half of the file, then the process "dies"
+        real_save(img, filename, compresslevel)
         data = Path(filename).read_bytes()
         Path(filename).write_bytes(data[: len(data) // 2])
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(nib, "save", dying_save)
+    monkeypatch.setattr(data.io, "_save_nifti", dying_save)
     with pytest.raises(KeyboardInterrupt):
         run_step("preprocess", work)
-    monkeypatch.setattr(nib, "save", real_save)
+    monkeypatch.setattr(data.io, "_save_nifti", real_save)
     assert not list((work / "processed_train_images").glob("*/*/*.nii"))
     stale = next((work / "processed_train_images").glob("*/*/.tmp-*"), None)
     if stale is None:  # the dying save may have been cleaned up; leave a stale temporary by hand

@@ -6,14 +6,13 @@ way. ``RELEASE_RENAMES`` is the one (native, release) table used in both directi
 
 Checkpoint file (``checkpoint_{epoch}.pth``): ``{"model": release-layout state dict without
 frozen parameters, "optimizer": ..., "epoch": int, "config": plain dict, **extra}``, written to
-a temporary file and moved into place with ``os.replace``, loaded with
+a temporary file and moved into place (``data.io.atomic_output``), loaded with
 ``torch.load(weights_only=True)`` (so only tensors and primitive containers are stored).
 """
 from __future__ import annotations
 
 import logging
 import math
-import os
 import pickle
 import re
 from pathlib import Path
@@ -23,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from data.io import atomic_output
 from models.vit3d import VisionTransformer3D, resample_pos_embed_3d
 
 logger = logging.getLogger(__name__)
@@ -230,10 +230,8 @@ def save_checkpoint(
         "config": dict(config) if config is not None else None,
     }
     payload.update(extra or {})
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+    with atomic_output(path) as tmp:
+        torch.save(payload, tmp)
     return path
 
 

@@ -183,7 +183,9 @@ def run(data_root: str | Path, split: str, *, overwrite: bool = False, workers: 
             fn = partial(copy_mask_case, source / rel, image, dst, valid_ids)
         else:
             fn = partial(segment_case, image, dst, roi_subset=classes, fast=fast, device=device)
-        tasks.append(Task(name, (dst,), fn))
+        inputs = (image, source / rel) if masks_from is not None else (image,)
+        settings = "copy" if masks_from is not None else repr(("totalsegmentator", classes, fast))
+        tasks.append(Task(name, (dst,), fn, inputs=inputs, settings=settings))
     return run_tasks("mask", split, root, tasks, overwrite=overwrite, workers=workers, shard=shard, pbar=pbar)
 
 

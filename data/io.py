@@ -26,6 +26,9 @@ happens at read time (``scale_hu``).
 from __future__ import annotations
 
 import csv
+import errno
+import fcntl
+import json
 import math
 import os
 import shutil
@@ -43,6 +46,14 @@ IDENTITY_DIRECTION = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
 
 class VolumeReadError(ValueError):
     """A volume file is missing, corrupt, truncated or not in the expected format."""
+
+
+class InUseError(RuntimeError):
+    """Another run holds the lock of an output (``run_lock``)."""
+
+
+class NotWritableError(OSError):
+    """An output folder cannot be written (``check_writable``)."""
 
 
 def _remove(path: Path) -> None:
@@ -68,6 +79,69 @@ def atomic_output(path: str | Path) -> Iterator[Path]:
     if tmp.is_dir() and path.is_dir():  # os.replace cannot replace a non-empty directory
         shutil.rmtree(path)
     os.replace(tmp, path)
+
+
+@contextmanager
+def run_lock(path: str | Path, what: str, *, shared: bool = False) -> Iterator[None]:
+    """Hold ``fcntl.flock`` on the lock file ``path`` (created if needed) until the block ends.
+
+    ``InUseError`` at once when another process holds it (exclusive against any holder; ``shared``
+    locks coexist with each other). The kernel drops the lock when the holder exits, however it dies.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise InUseError(f"{what} is in use by another run (lock {path}); wait for it to end, "
+                             "or stop it (its workers too)") from None
+        yield
+    finally:
+        os.close(fd)
+
+
+def check_writable(folder: str | Path) -> None:
+    """``NotWritableError`` naming ``folder`` (or its nearest existing parent) unless a file can be created there."""
+    folder = Path(folder)
+    existing = next(p for p in (folder, *folder.parents) if p.exists())
+    try:
+        probe = os.open(existing / f".write-test-{os.getpid()}", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    except OSError as exc:
+        raise NotWritableError(exc.errno or errno.EACCES,
+                               f"cannot write to {existing} ({exc.strerror}): make it writable or choose "
+                               "another output location") from None
+    os.close(probe)
+    os.unlink(existing / f".write-test-{os.getpid()}")
+
+
+def file_fingerprint(paths: Sequence[Path]) -> list[list[int] | None]:
+    """``[size, mtime_ns]`` per file (``None`` when missing): what a rerun compares to decide it changed."""
+    out = []
+    for path in paths:
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            out.append(None)
+        else:
+            out.append([st.st_size, st.st_mtime_ns])
+    return out
+
+
+def write_json(path: str | Path, obj: object) -> None:
+    """Atomically write ``obj`` as JSON."""
+    with atomic_output(path) as tmp, open(tmp, "w") as f:
+        json.dump(obj, f)
+
+
+def read_json(path: str | Path) -> object | None:
+    """The JSON in ``path``; ``None`` when it is missing or unreadable (treated as absent)."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
 
 
 def one_line(text: object) -> str:
@@ -108,14 +182,14 @@ def geometry_from_affine(affine: np.ndarray) -> tuple[tuple[float, ...], tuple[f
     return tuple(spacing.tolist()), tuple(lps[:, 3].tolist()), tuple(rot.ravel().tolist())
 
 
-def _load(path: str | Path) -> nib.Nifti1Image:
+def _load(path: str | Path, *, three_d: bool = True) -> nib.Nifti1Image:
     try:
         img = nib.load(str(path), mmap=True)
     except FileNotFoundError:
         raise VolumeReadError(f"missing file {path}") from None
     except (ImageFileError, OSError, ValueError, EOFError) as exc:
         raise VolumeReadError(f"unreadable NIfTI {path}: {exc}") from exc
-    if len(img.shape) != 3:
+    if three_d and len(img.shape) != 3:
         raise VolumeReadError(f"{path}: expected a 3D volume, got shape {img.shape}")
     return img
 
@@ -127,7 +201,7 @@ def check_complete(path: str | Path) -> None:
     this first: for gzip the trailer's ISIZE (uncompressed size mod 2**32) must equal
     ``data offset + voxels * bytes per voxel``; an uncompressed file must be that long.
     """
-    img = _load(path)
+    img = _load(path, three_d=False)
     expected = img.dataobj.offset + int(np.prod(img.shape)) * img.get_data_dtype().itemsize
     path = Path(path)
     size = path.stat().st_size
@@ -139,6 +213,17 @@ def check_complete(path: str | Path) -> None:
             raise VolumeReadError(f"truncated gzip NIfTI {path.name} (trailer size {isize}, expected {expected})")
     elif size < expected:
         raise VolumeReadError(f"truncated NIfTI {path.name} ({size} bytes, expected {expected})")
+
+
+def count_non_finite(path: str | Path) -> int:
+    """Voxels that are NaN or +-inf in the stored array (0 for integer types, without reading them).
+
+    Read with nibabel, unscaled: SimpleITK silently turns them into finite values.
+    """
+    img = _load(path, three_d=False)
+    if not np.issubdtype(img.get_data_dtype(), np.floating):
+        return 0
+    return int(np.count_nonzero(~np.isfinite(img.dataobj.get_unscaled())))
 
 
 def open_volume(path: str | Path) -> np.ndarray:

@@ -4,7 +4,9 @@ Crop to the bounding box of all non-zero anatomy voxels, extended by
 ``crop_margin_dhw`` voxels (clamped to the volume), then pad symmetrically (the
 extra voxel after) to at least ``min_size_dhw`` with ``pad_hu`` = the low end of
 ``hu_window`` (scales to 0) and mask 0. Every anatomy id present before is
-checked to be present after; a mask without any anatomy is a failed case.
+checked to be present after; a mask without any anatomy is a failed case, and a
+mask without some anatomy of the map is a warning row (``preprocess_{split}_warnings.csv``:
+eval will leave that anatomy's cells empty).
 
 Cache format: ``processed_{split}_images/{patient}/{scan}/{stem}.nii`` uncompressed
 int16 HU (not scaled: ``data.io.scale_hu`` clips and scales at read time) and
@@ -115,7 +117,14 @@ def preprocess_case(image_src: Path, mask_src: Path, image_dst: Path, mask_dst: 
     new_origin = np.asarray(origin) + np.asarray(direction).reshape(3, 3) @ shift_xyz
     write_volume(image_dst, image, spacing, new_origin, direction)
     write_volume(mask_dst, mask, spacing, new_origin, direction)
-    return {"shape_dhw": image.shape, "offset_dhw": window.offset_dhw}
+    return {"shape_dhw": image.shape, "offset_dhw": window.offset_dhw, "warning": missing_anatomies(mask, cfg)}
+
+
+def missing_anatomies(mask_dhw: np.ndarray, cfg: PipelineConfig) -> str | None:
+    """``"missing anatomies: lung, ..."`` when some anatomy of the map has no voxel (eval leaves its cells empty)."""
+    present = set(present_labels(mask_dhw).tolist())
+    missing = [name for k, name in enumerate(cfg.anatomy_names, start=1) if k not in present]
+    return f"missing anatomies: {', '.join(missing)}" if missing else None
 
 
 def run(data_root: str | Path, split: str, *, overwrite: bool = False, workers: int = 1,
@@ -129,7 +138,7 @@ def run(data_root: str | Path, split: str, *, overwrite: bool = False, workers: 
         image_dst, mask_dst = root / f"processed_{split}_images" / rel, root / f"processed_{split}_masks" / rel
         fn = partial(preprocess_case, root / f"resized_{split}_images" / rel, root / f"resized_{split}_masks" / rel,
                      image_dst, mask_dst, cfg)
-        tasks.append(Task(name, (image_dst, mask_dst), fn))
+        tasks.append(Task(name, (image_dst, mask_dst), fn, inputs=fn.args[:2], settings=repr(cfg)))
     return run_tasks("preprocess", split, root, tasks, overwrite=overwrite, workers=workers, shard=shard,
                      pbar=pbar)
 

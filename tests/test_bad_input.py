@@ -1,0 +1,214 @@
+"""Bad input and crashes in the data steps: each fault injected, its named failure/warning/lock asserted."""
+from __future__ import annotations
+
+import csv
+import os
+import shutil
+import subprocess
+import time
+from functools import partial
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from data.common import Task, load_pipeline_config, run_tasks, volume_relpath
+from data.io import run_lock
+from data.resize import build_label_lut
+from tests.test_data_pipeline import (all_files, dataset, failures, processed, raw_names, run_pipeline,  # noqa: F401
+                                      run_step, tmp_files, work)
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def errors(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+
+
+# ---------------------------------------------------------------------------- silently wrong inputs
+
+def test_non_finite_voxels_are_a_failed_case(work):
+    name = raw_names(work)[0]
+    path = work / "train" / volume_relpath(name)
+    img = nib.load(path)
+    data = np.asarray(img.dataobj, dtype=np.float32)
+    data[0, 0, 0], data[1, 0, 0], data[2, 0, 0] = np.nan, np.inf, -np.inf
+    float_img = nib.Nifti1Image(data, img.affine, img.header)
+    float_img.set_data_dtype(np.float32)
+    nib.save(float_img, path)
+    assert run_step("fix", work) == 1
+    assert failures(work, "fix") == {name: f"3 non-finite voxels (NaN or inf) in {name}: replace or drop the volume"}
+    assert not (work / "train_fixed" / volume_relpath(name)).exists()
+
+
+def test_4d_volume_is_named_as_such_not_as_corrupt(work):
+    name = raw_names(work)[0]
+    path = work / "train" / volume_relpath(name)
+    img = nib.load(path)
+    data = np.asarray(img.dataobj)
+    nib.save(nib.Nifti1Image(np.stack([data, data], axis=-1), img.affine), path)
+    assert run_step("fix", work) == 1
+    reason = failures(work, "fix")[name]
+    assert "not a 3D scalar volume" in reason and "corrupt" not in reason
+
+
+def test_anatomy_absent_from_the_mask_is_a_preprocess_warning(work, caplog):
+    """No lung voxel in one mask: preprocess still writes the case, with a warning row and the count."""
+    name = raw_names(work)[0]
+    gt = work / "totalseg_gt" / "train" / volume_relpath(name)
+    img = nib.load(gt)
+    labels = np.asarray(img.dataobj).astype(np.uint8)
+    cfg = load_pipeline_config()
+    lung = cfg.anatomy_names.index("lung") + 1
+    labels[build_label_lut(cfg)[labels] == lung] = 0
+    nib.save(nib.Nifti1Image(labels, img.affine, img.header), gt)
+    caplog.set_level("INFO")
+    assert run_pipeline(work) == [0, 0, 0, 0]
+    case = name[: -len(".gz")]  # preprocess cases are the resized .nii files
+    assert read_csv(work / "preprocess_train_warnings.csv") == [{"volume": case, "warning": "missing anatomies: lung"}]
+    assert "failed 0, warnings 1" in caplog.text
+    assert read_csv(work / "fix_train_warnings.csv") == []
+    caplog.clear()  # a rerun skips the case and still reports its warning
+    assert run_step("preprocess", work) == 0
+    assert f"processed 0, skipped {len(raw_names(work))}, failed 0, warnings 1" in caplog.text
+    assert len(read_csv(work / "preprocess_train_warnings.csv")) == 1
+
+
+# ---------------------------------------------------------------------------- stale outputs
+
+def test_rerun_redoes_exactly_the_cases_whose_inputs_changed(processed, tmp_path, caplog):
+    root = tmp_path / "root"
+    shutil.copytree(processed, root)
+    names = raw_names(root)
+    changed = root / "totalseg_gt" / "train" / volume_relpath(names[1])
+    img = nib.load(changed)
+    labels = np.asarray(img.dataobj).astype(np.uint8)  # (x, y, z)
+    first = build_label_lut(load_pipeline_config())[labels] == 1
+    first[..., first.shape[2] // 2:] = False
+    labels[first] = 0  # a corrected mask: the first anatomy loses its lower half
+    nib.save(nib.Nifti1Image(labels, img.affine, img.header), changed)
+    before = all_files(root)
+    caplog.set_level("INFO")
+    assert run_pipeline(root) == [0, 0, 0, 0]
+    assert f"fix train: processed 0, skipped {len(names)}" in caplog.text
+    for step in ("mask", "resize", "preprocess"):
+        assert f"{step} train: processed 1, skipped {len(names) - 1}" in caplog.text
+    after = all_files(root)
+    rel = volume_relpath(names[1])
+    differs = {k for k in after if after[k] != before.get(k) and not k.startswith((".manifests", "totalseg_gt"))}
+    assert {str("train_mask" / rel), str("resized_train_masks" / rel.with_suffix("")),
+            str("processed_train_masks" / rel.with_suffix(""))} <= differs
+    assert all(names[1][: -len(".nii.gz")] in k for k in differs)
+    reference = tmp_path / "reference"  # the same inputs processed from scratch
+    shutil.copytree(root, reference, ignore=shutil.ignore_patterns(".manifests", "*_mask", "resized_*",
+                                                                   "processed_*"))
+    assert run_pipeline(reference) == [0, 0, 0, 0]
+    for k, v in all_files(reference).items():
+        if k.startswith(("processed_", "resized_", "train_mask")):
+            assert after[k] == v, k
+
+
+def test_changed_metadata_row_redoes_the_fix(processed, tmp_path, caplog):
+    root = tmp_path / "root"
+    shutil.copytree(processed, root)
+    meta = root / "metadata" / "train_metadata.csv"
+    rows = read_csv(meta)
+    rows[0]["RescaleIntercept"] = str(float(rows[0]["RescaleIntercept"]) + 1)
+    with open(meta, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    caplog.set_level("INFO")
+    assert run_step("fix", root) == 0
+    assert f"fix train: processed 1, skipped {len(raw_names(root)) - 1}" in caplog.text
+
+
+def test_a_case_that_fails_on_rerun_loses_its_stale_outputs(processed, tmp_path):
+    root = tmp_path / "root"
+    shutil.copytree(processed, root)
+    name = raw_names(root)[0]
+    (root / "totalseg_gt" / "train" / volume_relpath(name)).write_bytes(b"not a nifti")
+    assert run_step("mask", root) == 1
+    assert not (root / "train_mask" / volume_relpath(name)).exists()
+    assert run_step("resize", root) == 1  # the next step sees the missing mask, not the stale one
+    assert failures(root, "resize")[name].startswith("missing mask")
+
+
+# ---------------------------------------------------------------------------- process level
+
+def test_second_run_of_a_step_exits_2_while_shards_run_side_by_side(work, caplog):
+    with run_lock(work / ".fix_train.lock", "fix train"):  # a whole-split run in progress
+        assert run_step("fix", work) == 2
+        assert run_step("fix", work, "train", "--shard", "0/2") == 2
+    message = errors(caplog)
+    assert len(message) == 2 and "is in use by another run" in message[0] and "\n" not in message[0]
+    assert not (work / "train_fixed").exists() and not (work / "fix_train_failures.csv").exists()
+    with run_lock(work / ".fix_train.lock", "fix", shared=True), \
+            run_lock(work / ".fix_train_shard0of2.lock", "fix shard 0/2"):  # shard 0/2 in progress
+        assert run_step("fix", work, "train", "--shard", "1/2") == 0
+        assert run_step("fix", work, "train", "--shard", "0/2") == 2
+        assert run_step("fix", work) == 2
+
+
+def test_lock_is_released_when_its_holder_is_killed(work):
+    holder = subprocess.Popen(["python3", "-c", "import fcntl, sys, time; f = open(sys.argv[1], 'w'); "
+                               "fcntl.flock(f, fcntl.LOCK_EX); print('held', flush=True); time.sleep(60)",
+                               str(work / ".fix_train.lock")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        assert run_step("fix", work) == 2
+    finally:
+        holder.kill()
+        holder.wait()
+    assert run_step("fix", work) == 0
+
+
+def _write_after(path: Path, seconds: float) -> None:
+    time.sleep(seconds)
+    path.write_text("done")
+
+
+def test_killed_pool_worker_fails_only_the_cases_in_flight(tmp_path):
+    tasks = [Task(f"case{i}", (tmp_path / f"case{i}",), partial(_write_after, tmp_path / f"case{i}", 0.05))
+             for i in range(7)]
+    tasks[2] = Task("case2", (tmp_path / "case2",), partial(os._exit, 9))
+    summary = run_tasks("demo", "train", tmp_path, tasks, workers=2, pbar=False)
+    failed = dict(summary.failed)
+    assert "case2" in failed and len(failed) <= 2  # the crashing case and at most the other one in flight
+    assert all("while this case ran" in reason for reason in failed.values())
+    assert summary.processed == 7 - len(failed)
+    assert all((tmp_path / t.name).is_file() for t in tasks if t.name not in failed)
+
+
+@pytest.fixture
+def read_only(tmp_path):
+    """Make a folder read-only for this process, also as root (immutable attribute); undone afterwards."""
+    made = []
+
+    def make(folder: Path) -> None:
+        if os.geteuid() == 0:
+            if subprocess.run(["chattr", "+i", str(folder)], capture_output=True).returncode != 0:
+                pytest.skip("chattr +i unavailable: cannot make a folder read-only for root")
+        else:
+            folder.chmod(0o555)
+        made.append(folder)
+
+    yield make
+    for folder in made:
+        if os.geteuid() == 0:
+            subprocess.run(["chattr", "-i", str(folder)], check=True)
+        else:
+            folder.chmod(0o755)
+
+
+def test_read_only_data_root_exits_2_naming_the_folder(work, read_only, caplog):
+    read_only(work)
+    assert run_step("fix", work) == 2
+    message = errors(caplog)
+    assert message == [f"cannot write to {work} (Operation not permitted): make it writable or choose another "
+                       "output location"] or (len(message) == 1 and f"cannot write to {work} " in message[0])
+    assert not (work / "train_fixed").exists() and not tmp_files(work)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import os
 import shutil
 import subprocess
@@ -18,6 +19,7 @@ from data.io import run_lock
 from data.resize import build_label_lut
 from tests.test_data_pipeline import (all_files, dataset, failures, processed, raw_names, run_pipeline,  # noqa: F401
                                       run_step, tmp_files, work)
+from tests.test_train import NAMES, make_bert, make_cache, make_config
 
 
 def read_csv(path: Path) -> list[dict[str, str]]:
@@ -212,3 +214,115 @@ def test_read_only_data_root_exits_2_naming_the_folder(work, read_only, caplog):
     assert message == [f"cannot write to {work} (Operation not permitted): make it writable or choose another "
                        "output location"] or (len(message) == 1 and f"cannot write to {work} " in message[0])
     assert not (work / "train_fixed").exists() and not tmp_files(work)
+
+
+# ---------------------------------------------------------------------------- training
+
+def _train_args(cfg: Path, *extra: str):
+    import train
+    return train.get_args_parser().parse_args(["--config", str(cfg), *extra])
+
+
+def test_train_reports_every_missing_input_at_once_and_writes_nothing(tmp_path):
+    import train
+    make_cache(tmp_path / "data", 4)
+    make_bert(tmp_path / "bert")
+    cfg = make_config(tmp_path)
+    (tmp_path / "data" / "conc_info.json").unlink()
+    (tmp_path / "data" / "desc_info.json").write_text("{not json")
+    next((tmp_path / "data" / "processed_train_masks").glob("*/*/*.nii")).unlink()
+    (tmp_path / "bert" / "vocab.txt").unlink()
+    with pytest.raises(train.SetupError) as info:
+        train.train(_train_args(cfg, "--mae-weights", str(tmp_path / "mae.pth")))
+    message = str(info.value)
+    assert "\n" not in message
+    for part in ("1 processed image(s) without a mask", "conc_info.json not found", "desc_info.json is not valid JSON",
+                 "--mae-weights", f"text encoder {tmp_path / 'bert'} lacks vocab.txt or tokenizer.json"):
+        assert part in message
+    assert not (tmp_path / "out").exists()
+
+
+def test_train_data_root_is_not_the_code_package(tmp_path, monkeypatch):
+    import train
+    make_bert(tmp_path / "bert")
+    cfg = make_config(tmp_path)
+    monkeypatch.chdir(tmp_path)  # no data/ here: "data" falls back to the repository's code package
+    with pytest.raises(train.SetupError, match=r"the code package data/, not a data root.*--data-root"):
+        train.train(_train_args(cfg, "--data-root", "data"))
+
+
+def test_failed_start_leaves_no_config_and_the_next_start_runs(tmp_path):
+    import train
+    make_cache(tmp_path / "data", 4)
+    make_bert(tmp_path / "bert")
+    cfg = make_config(tmp_path)
+    with pytest.raises(train.SetupError, match="lower --batch-size"):  # fails after the input checks
+        train.train(_train_args(cfg, "--batch-size", "8"))
+    assert not (tmp_path / "out").exists()
+    (tmp_path / "out").mkdir()
+    with pytest.raises(train.SetupError, match="lower --batch-size"):
+        train.train(_train_args(cfg, "--batch-size", "8"))
+    assert [p.name for p in (tmp_path / "out").iterdir()] in ([], [train.RUN_LOCK])
+    train.train(_train_args(cfg, "--epochs", "1"))  # not refused as "not empty"
+    assert (tmp_path / "out" / "checkpoint_0.pth").is_file()
+
+
+def test_second_training_run_on_one_output_dir_exits_2(tmp_path, caplog):
+    import train
+    make_cache(tmp_path / "data", 4)
+    make_bert(tmp_path / "bert")
+    cfg = make_config(tmp_path)
+    with run_lock(tmp_path / "out" / train.RUN_LOCK, "a first run"):
+        assert train.main(["--config", str(cfg), "--resume"]) == 2
+    assert any("in use by another run" in m for m in errors(caplog))
+    assert [p.name for p in (tmp_path / "out").iterdir()] == [train.RUN_LOCK]
+
+
+def test_resume_keeps_one_log_line_per_step(tmp_path):
+    import train
+    make_cache(tmp_path / "data", 6)
+    make_bert(tmp_path / "bert")
+    cfg = make_config(tmp_path)
+    train.train(_train_args(cfg, "--output-dir", str(tmp_path / "a")))
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    (tmp_path / "b" / "checkpoint_1.pth").unlink()  # killed after logging epoch 1, before its checkpoint
+    train.train(_train_args(cfg, "--output-dir", str(tmp_path / "b"), "--resume"))
+    for name in ("log_steps.jsonl", "log.txt"):
+        keys = [[(r["epoch"], r.get("step")) for r in map(json.loads, (tmp_path / d / name).read_text().splitlines())]
+                for d in ("a", "b")]
+        assert keys[0] == keys[1], name
+
+
+def test_zero_byte_checkpoint_is_named(tmp_path, caplog):
+    import train
+    from utils.checkpoint import CheckpointError, load_checkpoint
+    (tmp_path / "checkpoint_0.pth").write_bytes(b"")
+    with pytest.raises(CheckpointError, match=r"is empty \(0 bytes"):
+        load_checkpoint(tmp_path / "checkpoint_0.pth")
+    make_cache(tmp_path / "data", 4)
+    make_bert(tmp_path / "bert")
+    cfg = make_config(tmp_path)
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "checkpoint_0.pth").write_bytes(b"")
+    assert train.main(["--config", str(cfg), "--resume"]) == 2
+    assert any("is empty (0 bytes" in m for m in errors(caplog))
+
+
+def test_report_gaps_are_counted_per_file_and_anatomy(tmp_path, caplog):
+    from data.dataset import CTRateTrainDataset
+    root = make_cache(tmp_path / "data", 4)
+    conc = json.loads((root / "conc_info.json").read_text())
+    desc = json.loads((root / "desc_info.json").read_text())
+    del conc["train_1_a"]  # in desc_info only
+    desc["train_2_a"][NAMES[0]] = "  "
+    desc["train_3_a"][NAMES[0]] = None
+    desc["train_3_a"][NAMES[1]] = ""
+    (root / "conc_info.json").write_text(json.dumps(conc))
+    (root / "desc_info.json").write_text(json.dumps(desc))
+    caplog.set_level("WARNING")
+    CTRateTrainDataset(root, anatomy_names=NAMES, crop_size=(8, 16, 16))
+    warned = [r.getMessage() for r in caplog.records]
+    assert any(m.startswith("conc_info.json lacks 1 of 4 scans") and "train_1_a" in m for m in warned)
+    assert not any(m.startswith("desc_info.json lacks") for m in warned)
+    assert any(m.startswith("desc_info.json has empty or blank entries") and m.endswith(f"{NAMES[0]} 2, {NAMES[1]} 1")
+               for m in warned)

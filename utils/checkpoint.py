@@ -241,10 +241,13 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"checkpoint {path} is empty (0 bytes; a copy cut short?): delete it or use another")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as e:
-        raise CheckpointError(f"cannot load {path} with weights_only=True: {e}") from e
+        detail = " ".join(str(e).split())[:300] or type(e).__name__
+        raise CheckpointError(f"cannot load {path} with weights_only=True: {detail}") from e
 
 
 def latest_checkpoint(output_dir: str | Path) -> Path | None:

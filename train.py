@@ -33,7 +33,7 @@ import torch
 
 from data.common import PipelineError, load_pipeline_config
 from data.dataset import CTRateTrainDataset, collate
-from data.io import InUseError, atomic_output, image_to_mask_path, list_volumes, run_lock
+from data.io import InUseError, atomic_output, image_to_mask_path, list_volumes
 from engine import TrainStep, train_one_epoch
 from models.fvlm import FVLM, build_fvlm
 from models.loss import AnatomyContrastiveLoss
@@ -41,7 +41,8 @@ from models.text_encoder import TextEncoderError, build_text_encoder, missing_pa
 from utils.checkpoint import (CheckpointError, latest_checkpoint, load_checkpoint, load_mae_into_vit, load_model_state,
                               save_checkpoint)
 from utils.config import REPO_ROOT, ConfigError, apply_overrides, load_config, resolve_path, save_config, set_by_path
-from utils.distributed import all_reduce_mean, barrier, destroy, init_distributed, is_main_process, setup_logging
+from utils.distributed import (barrier, destroy, init_distributed, is_main_process, main_process_lock,
+                               setup_logging)
 
 logger = logging.getLogger("train")
 RUN_LOCK = ".train.lock"  # in the output directory; not a file of the run
@@ -138,21 +139,15 @@ def hold_output_dir(out_dir: Path):
     this call created is removed again when the block fails before the run wrote anything into it."""
     barrier()  # every rank checked the directory before rank 0 writes into it
     created = not out_dir.exists()
-    error = ""
-    with contextlib.ExitStack() as stack:
-        if is_main_process():
-            try:
-                stack.enter_context(run_lock(out_dir / RUN_LOCK, f"output directory {out_dir}"))
-            except InUseError as e:
-                error = str(e)
-        if all_reduce_mean(float(bool(error))) > 0:
-            raise SetupError(error or f"output directory {out_dir} is in use by another run")
-        try:
+    try:
+        with main_process_lock(out_dir / RUN_LOCK, f"output directory {out_dir}"):
             yield
-        except BaseException:
-            if is_main_process() and created and not has_run_files(out_dir):
-                shutil.rmtree(out_dir, ignore_errors=True)
-            raise
+    except InUseError as e:
+        raise SetupError(str(e)) from None
+    except BaseException:
+        if is_main_process() and created and not has_run_files(out_dir):
+            shutil.rmtree(out_dir, ignore_errors=True)
+        raise
 
 
 def truncate_logs(out_dir: Path, start_epoch: int) -> None:

@@ -12,13 +12,17 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+import pandas as pd
 import pytest
+import yaml
 
 from data.common import Task, load_pipeline_config, run_tasks, volume_relpath
 from data.io import run_lock
 from data.resize import build_label_lut
 from tests.test_data_pipeline import (all_files, dataset, failures, processed, raw_names, run_pipeline,  # noqa: F401
                                       run_step, tmp_files, work)
+from tests.test_eval import _eval_args, eval_setup  # noqa: F401
+from tests.test_metrics import CARDIO, EMPH, LABEL_COLUMNS
 from tests.test_train import NAMES, make_bert, make_cache, make_config
 
 
@@ -326,3 +330,95 @@ def test_report_gaps_are_counted_per_file_and_anatomy(tmp_path, caplog):
     assert not any(m.startswith("desc_info.json lacks") for m in warned)
     assert any(m.startswith("desc_info.json has empty or blank entries") and m.endswith(f"{NAMES[0]} 2, {NAMES[1]} 1")
                for m in warned)
+
+
+# ---------------------------------------------------------------------------- eval and calc_metrics
+
+def test_second_eval_writing_the_same_csv_exits_2(eval_setup, tmp_path, capsys):
+    import eval as eval_cli
+    out = tmp_path / "res" / "pred.csv"
+    with run_lock(out.with_name(".pred.csv.lock"), "a first eval"):
+        assert eval_cli.main(_eval_args(eval_setup, out)) == 2
+    assert "in use by another run" in capsys.readouterr().err
+    assert not out.exists()
+    assert eval_cli.main(_eval_args(eval_setup, out)) == 0
+
+
+def test_eval_counts_empty_cells_per_item(eval_setup, tmp_path, caplog):
+    import eval as eval_cli
+    caplog.set_level("INFO")
+    assert eval_cli.main(_eval_args(eval_setup, tmp_path / "pred.csv")) == 0  # valid_2 has no heart
+    line = next(m for m in (r.getMessage() for r in caplog.records) if m.startswith("empty cells"))
+    heart = [c for c in pd.read_csv(tmp_path / "pred.csv").columns if c.startswith("heart_")]
+    assert line.endswith(", ".join(f"{c} 1" for c in heart))
+
+
+def test_eval_and_calc_metrics_find_default_paths_from_the_repository_root(eval_setup, tmp_path, monkeypatch):
+    """The preset's relative paths and --data-root resolve from the current directory, else the repo root."""
+    import calc_metrics
+    import eval as eval_cli
+    import utils.config
+    repo = tmp_path / "repo"
+    shutil.copytree(eval_setup, repo)
+    shutil.copytree(Path(__file__).resolve().parents[1] / "configs", repo / "configs")
+    cfg = yaml.safe_load((repo / "preset.yaml").read_text())
+    cfg["paths"].update(data_root="data", output_dir="run", text_encoder="bert")
+    (repo / "preset.yaml").write_text(yaml.safe_dump(cfg))
+    monkeypatch.setattr(utils.config, "REPO_ROOT", repo)
+    monkeypatch.chdir(tmp_path)  # neither data/ nor run/ here
+    assert eval_cli.main(["--config", "preset.yaml", "--items", "items.yaml", "--output", "res/pred.csv",
+                          "--no-progress"]) == 0
+    labels = pd.DataFrame({"VolumeName": pd.read_csv(tmp_path / "res" / "pred.csv")["file_name"]})
+    for column in LABEL_COLUMNS:
+        labels[column] = [0, 1, 0]
+    (repo / "data" / "multi_abnormality_labels").mkdir()
+    labels.to_csv(repo / "data" / "multi_abnormality_labels" / "valid_predicted_labels.csv", index=False)
+    assert calc_metrics.main(["--csv_file", "res/pred.csv", "--data-root", "data"]) == 0
+
+
+def _metrics_inputs(tmp_path: Path, cells: list[str]) -> tuple[Path, Path]:
+    pred = tmp_path / "pred.csv"
+    pred.write_text(f"file_name,{EMPH},{CARDIO}\n" + "".join(
+        f"valid_{i}_a_1.nii.gz,{cell},0.5\n" for i, cell in enumerate(cells, start=1)))
+    labels = pd.DataFrame({"VolumeName": [f"valid_{i}_a_1.nii.gz" for i in range(1, len(cells) + 2)]})
+    for column in LABEL_COLUMNS:
+        labels[column] = [i % 2 for i in range(len(cells) + 1)]
+    labels.to_csv(tmp_path / "labels.csv", index=False)
+    return pred, tmp_path / "labels.csv"
+
+
+@pytest.mark.parametrize("cell", ["inf", "-inf", "1.5", "-0.01"])
+def test_calc_metrics_rejects_infinite_or_out_of_range_probabilities(tmp_path, capsys, cell):
+    import calc_metrics
+    pred, labels = _metrics_inputs(tmp_path, ["0.2", cell, "0.7", "0.4"])
+    assert calc_metrics.main(["--csv_file", str(pred), "--labels", str(labels)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert "1 probabilities are infinite or outside [0, 1]" in err and "valid_2_a_1.nii.gz" in err
+    assert not (tmp_path / "pred_metrics.csv").exists()
+
+
+def test_calc_metrics_reports_empty_cells_and_what_the_csv_lacks(tmp_path, caplog):
+    import calc_metrics
+    pred, labels = _metrics_inputs(tmp_path, ["0.2", "", "0.7", "nan"])
+    caplog.set_level("INFO")
+    assert calc_metrics.main(["--csv_file", str(pred), "--labels", str(labels)]) == 0
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert "empty cells scored as probability 0 (spec §8), per item: Emphysema 2" in warned
+    assert "1 labelled volume(s) are not in the prediction CSV (not scored), e.g. valid_5_a_1.nii.gz" in warned
+    assert any(m.startswith(f"{len(LABEL_COLUMNS) - 2} labelled abnormality(ies) have no item column") for m in warned)
+
+
+def test_width_mismatch_hint_names_the_model_size_not_the_crop():
+    import torch
+    from torch import nn
+
+    from utils.checkpoint import CheckpointError, filter_state_dict
+    model = nn.Module()
+    model.visual_encoder = nn.Module()
+    model.visual_encoder.pos_embed = nn.Parameter(torch.zeros(1, 8, 32))
+    with pytest.raises(CheckpointError, match=r"width \(embed_dim 64\) is not the model's \(32\)") as info:
+        filter_state_dict({"visual_encoder.pos_embed": torch.zeros(1, 8, 64)}, model)
+    assert "crop" not in str(info.value)
+    with pytest.raises(CheckpointError, match="crop size and patch size"):
+        filter_state_dict({"visual_encoder.pos_embed": torch.zeros(1, 6, 32)}, model)

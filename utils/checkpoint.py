@@ -114,9 +114,11 @@ def filter_state_dict(sd: Mapping[str, Any], model: nn.Module) -> dict[str, torc
             logger.info("checkpoint has no token-type embeddings: using zeros")
     pos = sd.get("visual_encoder.pos_embed")
     if pos is not None and "visual_encoder.pos_embed" in own and pos.shape != own["visual_encoder.pos_embed"].shape:
-        raise CheckpointError(
-            f"position embeddings {tuple(pos.shape)} do not fit the model's {tuple(own['visual_encoder.pos_embed'].shape)}: "
-            "build the model with the crop size and patch size the checkpoint was trained with")
+        own_shape = tuple(own["visual_encoder.pos_embed"].shape)
+        hint = (f"the checkpoint's width (embed_dim {pos.shape[-1]}) is not the model's ({own_shape[-1]}): build it "
+                "with the model size (--config) the checkpoint was trained with" if pos.shape[-1] != own_shape[-1]
+                else "build the model with the crop size and patch size the checkpoint was trained with")
+        raise CheckpointError(f"position embeddings {tuple(pos.shape)} do not fit the model's {own_shape}: {hint}")
     return sd
 
 

@@ -6,7 +6,7 @@
 - ``load_eval_model(cfg, checkpoint, ...)``: the FVLM of a training preset with the weights of
   one of our checkpoints (``{"model": state_dict, ...}``) or of the released fVLM layout
   (spec §6), loaded with ``weights_only=True``; eval mode.
-- ``write_prediction_csv`` / ``write_failures_csv``: atomic writes in the release's format.
+- ``write_prediction_csv``: the atomic prediction CSV in the release's format (failures: ``data.io.write_case_csv``).
 """
 from __future__ import annotations
 

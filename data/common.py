@@ -11,8 +11,10 @@ thin ``main(argv=None) -> int``. The runner here:
 - skips a case whose outputs all exist and whose inputs (size and mtime of each
   ``Task.inputs`` file) and settings (``Task.settings``: metadata row, pipeline
   config) are those recorded when it was made, in
-  ``.manifests/{step}_{split}/{name}.json`` (written after the outputs, so a kill
-  in between only redoes the case); ``overwrite`` redoes every case. A redone case
+  ``.manifests/{step}_{split}/{name}.json`` (written after the outputs: a kill
+  in between at worst redoes the case; outputs without a manifest, from a run before
+  manifests existed, are kept when they are newer than every input, as make would);
+  ``overwrite`` redoes every case. A redone case
   that fails loses its old outputs, so the next step never uses them. Outputs are
   written atomically (``data.io.atomic_output``);
 - runs the cases inline (``workers == 1``) or in a ``ProcessPoolExecutor`` with
@@ -295,6 +297,9 @@ def _run_locked(step: str, split: str, root: Path, mine: list[Task], *, overwrit
     for task in mine:
         made_from[task.name] = {"inputs": file_fingerprint(task.inputs), "settings": task.settings}
         record = read_json(manifest_path(root, step, split, task.name)) if not overwrite else None
+        if record is None and not overwrite and _outputs_newer_than_inputs(task):
+            record = {**made_from[task.name], "warning": None}  # written before manifests existed: adopted
+            write_json(manifest_path(root, step, split, task.name), record)
         if (isinstance(record, dict) and {k: record.get(k) for k in made_from[task.name]} == made_from[task.name]
                 and all(p.is_file() for p in task.outputs)):
             summary.skipped += 1
@@ -335,6 +340,14 @@ def _run_locked(step: str, split: str, root: Path, mine: list[Task], *, overwrit
     write_case_csv(summary.warnings_csv, summary.warned, header=("volume", "warning"))
     logger.info(summary.line())
     return summary
+
+
+def _outputs_newer_than_inputs(task: Task) -> bool:
+    """make's rule, for outputs without a manifest: every output exists and is newer than every input."""
+    outputs, inputs = file_fingerprint(task.outputs), file_fingerprint(task.inputs)
+    if not outputs or None in outputs or None in inputs:
+        return False
+    return min(o[1] for o in outputs) >= max((i[1] for i in inputs), default=0)
 
 
 def _run_pool(todo: list[Task], workers: int, finish: Callable[[Task, object, BaseException | None], None],

@@ -422,3 +422,17 @@ def test_width_mismatch_hint_names_the_model_size_not_the_crop():
     assert "crop" not in str(info.value)
     with pytest.raises(CheckpointError, match="crop size and patch size"):
         filter_state_dict({"visual_encoder.pos_embed": torch.zeros(1, 6, 32)}, model)
+
+
+def test_outputs_from_before_manifests_are_kept_unless_an_input_is_newer(processed, tmp_path, caplog):
+    root = tmp_path / "root"
+    shutil.copytree(processed, root)
+    shutil.rmtree(root / ".manifests")
+    names = raw_names(root)
+    raw = root / "train" / volume_relpath(names[0])
+    future = time.time_ns() + 10**9
+    os.utime(raw, ns=(future, future))  # replaced after its output was written
+    caplog.set_level("INFO")
+    assert run_step("fix", root) == 0
+    assert f"fix train: processed 1, skipped {len(names) - 1}" in caplog.text
+    assert len(list((root / ".manifests" / "fix_train").glob("*.json"))) == len(names)

@@ -36,7 +36,8 @@ from data.common import PipelineError, load_pipeline_config
 from models.zeroshot import ZeroShotScorer, prompt_features
 from utils.checkpoint import latest_checkpoint
 from utils.config import ConfigError, apply_overrides, load_config, resolve_path
-from utils.distributed import destroy, gather_to_main, init_distributed, is_main_process, main_process_lock, setup_logging
+from utils.distributed import (destroy, gather_to_main, init_distributed, is_main_process, main_process_lock,
+                               setup_logging)
 from utils.zeroshot import (
     ZeroShotSetupError,
     load_eval_model,

@@ -157,8 +157,8 @@ def align(predictions: pd.DataFrame, labels: pd.DataFrame) -> ScoringTable:
     bad = np.isinf(probs) | (probs < 0) | (probs > 1)  # NaN compares False: empty cells pass
     if bad.any():
         row, col = np.argwhere(bad)[0]
-        raise MetricsInputError(f"{int(bad.sum())} probabilities are infinite or outside [0, 1], e.g. {probs[row, col]} "
-                                f"for {file_names[row]} in {columns[col]!r}: fix the prediction CSV")
+        raise MetricsInputError(f"{int(bad.sum())} probabilities are infinite or outside [0, 1], e.g. "
+                                f"{probs[row, col]} for {file_names[row]} in {columns[col]!r}: fix the prediction CSV")
     _log_unscored(probs, file_names, abnormalities, labels)
     probs = np.nan_to_num(probs, nan=0.0)
     counts = pd.Series(abnormalities).value_counts()

@@ -10,7 +10,13 @@ per-abnormality table (AUC, ACC, specificity, sensitivity, weighted F1,
 precision, and their mean) and writes next to the input ``<stem>_metrics.csv``,
 ``<stem>_metrics.md`` and ``<stem>_roc.png``. The rules are in utils/metrics.py.
 
-Exit status: 0 on success, 2 on unusable input (one-line message on stderr).
+Relative paths are found from the current directory, else from the repository root (so the
+seed's commands work from the repository root and from ``data/``). Empty cells (scored 0, spec
+§8) are counted per item in the log, and so are labelled volumes and abnormalities that the
+CSV lacks.
+
+Exit status: 0 on success, 2 on unusable input (one-line message on stderr), e.g. an infinite
+probability or one outside [0, 1].
 """
 from __future__ import annotations
 
@@ -21,6 +27,7 @@ import warnings
 from pathlib import Path
 
 from data.labels_map import LabelsMapError, map_external_labels
+from utils.config import resolve_path
 from utils.metrics import (
     MetricsInputError,
     SingleClassWarning,
@@ -98,9 +105,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.bootstrap < 0:
         parser.error("--bootstrap must be >= 0")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    labels = args.labels if args.labels is not None else args.data_root / LABELS_RELPATH
+    # relative paths: from the current directory, else from the repository root (as train.py and eval.py)
+    labels = resolve_path(args.labels if args.labels is not None else resolve_path(args.data_root) / LABELS_RELPATH)
     try:
-        run(args.csv_file, labels, bootstrap=args.bootstrap, seed=args.seed, labels_map=args.labels_map)
+        run(resolve_path(args.csv_file), labels, bootstrap=args.bootstrap, seed=args.seed, labels_map=args.labels_map)
     except (MetricsInputError, LabelsMapError) as e:
         print(f"calc_metrics: error: {e}", file=sys.stderr)
         return 2

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from data.common import PipelineError
+from data.io import write_case_csv
 from utils.config import ConfigError
 from utils.embeddings import (
     EmbeddingsFileError,
@@ -30,7 +31,7 @@ from utils.embeddings import (
     setup_features,
     volume_name,
 )
-from utils.zeroshot import ZeroShotSetupError, write_failures_csv
+from utils.zeroshot import ZeroShotSetupError
 
 logger = logging.getLogger("embed")
 
@@ -63,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
     emb, failures = compute_image_embeddings(s.extractor, volumes, output, source=s.source,
                                              save_every=args.save_every, progress=args.progress)
     failures_csv = output.with_name(output.stem + "_failures.csv")
-    write_failures_csv(failures_csv, failures)
+    write_case_csv(failures_csv, failures)
     logger.info("wrote %s: %d volumes x %d anatomies, projected %d, pooled %d; %d failed (%s)", output,
                 len(emb.names), len(emb.anatomies), emb.projected.shape[-1], emb.pooled.shape[-1], len(failures),
                 failures_csv)

@@ -10,6 +10,10 @@ per item of ``--items``, empty cell when the anatomy is absent, rows sorted by f
 and ``<output stem>_failures.csv`` (``volume,reason``; header only when nothing failed).
 Volumes are sharded over ranks (``volumes[rank::world_size]``).
 
+Relative paths (flags and the preset's defaults) are found from the current directory, else from
+the repository root, as in train.py. Rank 0 locks the output CSV for the run (a second eval
+writing the same CSV exits 2). The log says, per item, how many volumes got an empty cell.
+
 Exactly the given checkpoint is evaluated (default: the latest ``checkpoint_*.pth`` of the
 preset's output directory); no epoch is chosen on the validation set (spec §9).
 Exit status: 0 = every volume scored, 1 = some volume could not be read (see the failures
@@ -18,6 +22,7 @@ CSV), 2 = the run could not start (message names the flag to set).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import sys
 from pathlib import Path
@@ -26,17 +31,17 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from data.cache import VolumeReadError, image_to_mask_path, list_volumes, open_volume, scale_hu
+from data.io import InUseError, VolumeReadError, image_to_mask_path, list_volumes, open_volume, scale_hu, write_case_csv
 from data.common import PipelineError, load_pipeline_config
 from models.zeroshot import ZeroShotScorer, prompt_features
 from utils.checkpoint import latest_checkpoint
 from utils.config import ConfigError, apply_overrides, load_config, resolve_path
-from utils.distributed import destroy, gather_to_main, init_distributed, is_main_process, setup_logging
+from utils.distributed import (destroy, gather_to_main, init_distributed, is_main_process, main_process_lock,
+                               setup_logging)
 from utils.zeroshot import (
     ZeroShotSetupError,
     load_eval_model,
     load_items,
-    write_failures_csv,
     write_prediction_csv,
 )
 
@@ -78,20 +83,30 @@ def volume_name(image_path: Path) -> str:
     return image_path.name[: -len(".nii")] + ".nii.gz"
 
 
-def evaluate(args: argparse.Namespace) -> int:
+def log_empty_cells(rows: dict[str, dict[str, float]], items) -> None:
+    """One line: per item, the volumes whose cell is empty (its anatomy absent from the mask; scored as 0)."""
+    empty = {item.column: sum(item.column not in row for row in rows.values()) for item in items}
+    if any(empty.values()):
+        logger.warning("empty cells (anatomy absent from the mask; calc_metrics scores them 0), per item: %s",
+                       ", ".join(f"{column} {n}" for column, n in empty.items() if n))
+
+
+def evaluate(args: argparse.Namespace, held: contextlib.ExitStack) -> int:
+    """Score every volume; ``held`` keeps the output's lock until the caller's block ends."""
     rank, world_size, device = init_distributed()
     setup_logging()
     cfg = apply_overrides(load_config(resolve_path(args.config)), args.overrides)
     pipe = load_pipeline_config(resolve_path(cfg["pipeline_config"]))
     roi, items = load_items(resolve_path(args.items or cfg["zeroshot_items"]))
-    data_root = args.data_root or Path(cfg["paths"]["data_root"])
-    checkpoint = args.checkpoint
+    data_root = resolve_path(args.data_root or cfg["paths"]["data_root"])
+    checkpoint = resolve_path(args.checkpoint) if args.checkpoint is not None else None
     if checkpoint is None:
-        out_dir = args.output_dir or Path(cfg["paths"]["output_dir"])
+        out_dir = resolve_path(args.output_dir or cfg["paths"]["output_dir"])
         checkpoint = latest_checkpoint(out_dir)
         if checkpoint is None:
             raise ZeroShotSetupError(f"no checkpoint_*.pth in {out_dir}: set --checkpoint or --output-dir")
     output = args.output or Path("res") / f"{args.name or checkpoint.stem}.csv"
+    held.enter_context(main_process_lock(output.with_name(f".{output.name}.lock"), f"prediction CSV {output}"))
     volumes = list_volumes(data_root, args.split)
     if not volumes:
         raise ZeroShotSetupError(
@@ -129,8 +144,9 @@ def evaluate(args: argparse.Namespace) -> int:
         all_failures.extend(part_failures)
     write_prediction_csv(output, all_rows, items)
     failures_csv = output.with_name(output.stem + "_failures.csv")
-    write_failures_csv(failures_csv, all_failures)
+    write_case_csv(failures_csv, all_failures)
     logger.info("wrote %s (%d volumes); %d failed (%s)", output, len(all_rows), len(all_failures), failures_csv)
+    log_empty_cells(all_rows, items)
     if all_failures:
         logger.error("%d volume(s) could not be read, listed in %s", len(all_failures), failures_csv)
         return 1
@@ -142,9 +158,9 @@ def main(argv: list[str] | None = None) -> int:
                                      description=__doc__.split("\n\n")[0])
     args = parser.parse_args(argv)
     try:
-        with torch.no_grad():
-            status = evaluate(args)
-    except (ZeroShotSetupError, ConfigError, PipelineError) as e:
+        with torch.no_grad(), contextlib.ExitStack() as held:
+            status = evaluate(args, held)
+    except (ZeroShotSetupError, ConfigError, PipelineError, InUseError) as e:
         print(f"eval: error: {e}", file=sys.stderr)
         status = 2
     destroy()

@@ -39,7 +39,7 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
-from data.cache import scale_hu
+from data.io import scale_hu
 from data.common import PipelineConfig, PipelineError, load_pipeline_config
 from data.fix_data import read_sitk
 from data.generate_mask import (check_labels, check_same_geometry, check_totalseg_weights, disable_usage_stats,

@@ -14,13 +14,12 @@ from __future__ import annotations
 
 import argparse
 import logging
-import shutil
 import sys
 from pathlib import Path
 
 import torch
 
-from data.cache import tmp_path_for
+from data.io import atomic_output
 from data.common import PipelineError, load_pipeline_config
 from data.dataset import CTRateTrainDataset
 from models.text_encoder import TextEncoderError, build_text_encoder
@@ -63,13 +62,9 @@ def run(args: argparse.Namespace) -> Path:
         encoder, tokenizer, texts, epochs=int(settings["epochs"]), lr=float(settings["lr"]),
         batch_size=int(settings["batch_size"]), temperature=float(settings["temperature"]),
         max_length=int(cfg["model"]["text_max_length"]), seed=int(cfg["seed"]), progress=args.progress)
-    tmp = tmp_path_for(out)
-    shutil.rmtree(tmp, ignore_errors=True)
-    encoder.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
+    with atomic_output(out) as tmp:
+        encoder.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
     logger.info("wrote %s (%d texts, loss %.3f -> %.3f)", out, len(set(texts)), losses[0], losses[-1])
     return out
 

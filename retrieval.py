@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 from pathlib import Path
 
@@ -32,7 +31,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from data.cache import tmp_path_for
+from data.io import atomic_output
 from data.common import PipelineError
 from utils.config import ConfigError
 from utils.embeddings import (
@@ -104,11 +103,8 @@ def text_features(s, names: list[str], kind: str, reports: Path, cache: Path, pr
     rows = [i for i, texts in enumerate(per_volume) if texts is not None]
     out[rows] = feats.reshape(len(rows), width, -1)
     present[rows] = True
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    tmp = tmp_path_for(cache)
-    with open(tmp, "wb") as f:
+    with atomic_output(cache) as tmp, open(tmp, "wb") as f:
         np.savez(f, names=np.asarray(names, dtype=str), features=out, present=present, source=np.asarray(key))
-    os.replace(tmp, cache)
     return out, present
 
 

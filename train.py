@@ -6,7 +6,12 @@
 
 Paths default to the preset's (``data/``, ``mae_pretrain_vit_base.pth`` and
 ``BiomedVLP-CXR-BERT-specialized/`` relative to the current directory).
-A new run refuses a non-empty output directory; ``--resume`` continues from
+Every input (processed image/mask folders, both report JSON files, the MAE
+weights, the text-encoder directory) is checked before anything is written, and
+all problems are reported in one message. Rank 0 holds a lock on the output
+directory for the whole run: a second run on it exits 2 while the first (or any
+of its workers) is alive. A run that fails to start leaves the output directory
+as it was. A new run refuses a non-empty output directory; ``--resume`` continues from
 its latest ``checkpoint_{epoch}.pth`` (model, optimiser, epoch; the LR is a
 pure function of (epoch, step) and every RNG is re-seeded from
 (seed, rank, epoch) at the start of each epoch, so the resumed epochs are the
@@ -15,8 +20,10 @@ ones an uninterrupted run would have done).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
+import shutil
 import sys
 from pathlib import Path
 from typing import Any
@@ -26,16 +33,20 @@ import torch
 
 from data.common import PipelineError, load_pipeline_config
 from data.dataset import CTRateTrainDataset, collate
+from data.io import InUseError, atomic_output, image_to_mask_path, list_volumes
 from engine import TrainStep, train_one_epoch
 from models.fvlm import FVLM, build_fvlm
 from models.loss import AnatomyContrastiveLoss
-from models.text_encoder import TextEncoderError, build_text_encoder
+from models.text_encoder import TextEncoderError, build_text_encoder, missing_parts
 from utils.checkpoint import (CheckpointError, latest_checkpoint, load_checkpoint, load_mae_into_vit, load_model_state,
                               save_checkpoint)
-from utils.config import ConfigError, apply_overrides, load_config, resolve_path, save_config, set_by_path
-from utils.distributed import barrier, destroy, init_distributed, is_main_process, setup_logging
+from utils.config import REPO_ROOT, ConfigError, apply_overrides, load_config, resolve_path, save_config, set_by_path
+from utils.distributed import (barrier, destroy, init_distributed, is_main_process, main_process_lock,
+                               setup_logging)
 
 logger = logging.getLogger("train")
+RUN_LOCK = ".train.lock"  # in the output directory; not a file of the run
+REPORT_FILES = ("desc_info.json", "conc_info.json")
 # command-line flag -> config key (the flag wins over the preset; key=value overrides win over both)
 FLAG_KEYS = {"data_root": "paths.data_root", "mae_weights": "paths.mae_weights",
              "text_encoder": "paths.text_encoder", "output_dir": "paths.output_dir",
@@ -75,18 +86,81 @@ def resolve_config(args: argparse.Namespace) -> dict[str, Any]:
     return apply_overrides(cfg, args.overrides)
 
 
-def check_paths(cfg: dict[str, Any]) -> None:
-    """Resolve the three input paths in place (current dir, else repo root); a missing one names its flag."""
-    paths = cfg["paths"]
-    for key, flag, is_dir in (("data_root", "--data-root", True), ("mae_weights", "--mae-weights", False),
-                              ("text_encoder", "--text-encoder", True)):
-        if paths[key] is None:
+def check_inputs(cfg: dict[str, Any]) -> None:
+    """Resolve the input paths in place (current dir, else repo root) and check every input before anything is
+    written; one ``SetupError`` lists every problem, each with the flag to set."""
+    paths, split = cfg["paths"], cfg["data"]["split"]
+    problems = []
+    root = resolve_path(paths["data_root"])
+    images = list_volumes(root, split) if root.is_dir() else []
+    if not images:
+        code = " (the code package data/, not a data root)" if root.resolve() == (REPO_ROOT / "data").resolve() else ""
+        problems.append(f"no processed volumes in {root / f'processed_{split}_images'}{code}: run the data "
+                        "pipeline or set --data-root")
+    unpaired = [p.name for p in images if not image_to_mask_path(p).is_file()]
+    if unpaired:
+        problems.append(f"{len(unpaired)} processed image(s) without a mask in {root / f'processed_{split}_masks'}, "
+                        f"e.g. {unpaired[0]}: rerun data.preprocess or set --data-root")
+    for name in REPORT_FILES:
+        problems += _json_problems(root / name)
+    if paths["mae_weights"] is not None:
+        mae = resolve_path(paths["mae_weights"])
+        if not mae.is_file():
+            problems.append(f"MAE weights {mae} not found: set --mae-weights (or --mae-weights none)")
+        paths["mae_weights"] = str(mae)
+    text_dir = resolve_path(paths["text_encoder"])
+    missing = missing_parts(text_dir, weights=bool(cfg["model"]["text_pretrained"]))
+    if missing:
+        problems.append(f"text encoder {text_dir} lacks {', '.join(missing)}: set --text-encoder")
+    if problems:
+        raise SetupError("cannot start: " + "; ".join(problems))
+    paths["data_root"], paths["text_encoder"] = str(root), str(text_dir)
+
+
+def _json_problems(path: Path) -> list[str]:
+    if not path.is_file():
+        return [f"{path} not found (anatomy-wise report texts, spec §1): set --data-root"]
+    try:
+        with open(path) as f:
+            json.load(f)
+    except (OSError, ValueError) as e:
+        return [f"{path} is not valid JSON ({e})"]
+    return []
+
+
+def has_run_files(out_dir: Path) -> bool:
+    """Anything in ``out_dir`` besides the run lock."""
+    return out_dir.is_dir() and any(p.name != RUN_LOCK for p in out_dir.iterdir())
+
+
+@contextlib.contextmanager
+def hold_output_dir(out_dir: Path):
+    """Rank 0 locks ``out_dir`` for the block (another run on it: ``SetupError`` on every rank). A directory
+    this call created is removed again when the block fails before the run wrote anything into it."""
+    barrier()  # every rank checked the directory before rank 0 writes into it
+    created = not out_dir.exists()
+    try:
+        with main_process_lock(out_dir / RUN_LOCK, f"output directory {out_dir}"):
+            yield
+    except InUseError as e:
+        raise SetupError(str(e)) from None
+    except BaseException:
+        if is_main_process() and created and not has_run_files(out_dir):
+            shutil.rmtree(out_dir, ignore_errors=True)
+        raise
+
+
+def truncate_logs(out_dir: Path, start_epoch: int) -> None:
+    """Drop the log lines of epochs >= ``start_epoch``: a resumed run writes them again."""
+    for name in ("log_steps.jsonl", "log.txt"):
+        path = out_dir / name
+        if not path.is_file():
             continue
-        p = resolve_path(paths[key])
-        if not (p.is_dir() if is_dir else p.is_file()):
-            hint = " (or --mae-weights none)" if key == "mae_weights" else ""
-            raise SetupError(f"{key.replace('_', ' ')} {paths[key]} not found: set {flag}{hint}")
-        paths[key] = str(p)
+        lines = path.read_text().splitlines(keepends=True)
+        kept = [line for line in lines if line.strip() and json.loads(line).get("epoch", -1) < start_epoch]
+        if kept != lines:
+            with atomic_output(path) as tmp:
+                tmp.write_text("".join(kept))
 
 
 def seed_everything(seed: int) -> None:
@@ -114,14 +188,17 @@ def train(args: argparse.Namespace) -> dict[str, float]:
     setup_logging()
     cfg = resolve_config(args)
     cfg["_world_size"] = world_size
-    check_paths(cfg)
+    check_inputs(cfg)
     out_dir = Path(cfg["paths"]["output_dir"])
-    resume_from = latest_checkpoint(out_dir) if (args.resume and out_dir.is_dir()) else None
-    if not args.resume and out_dir.is_dir() and any(out_dir.iterdir()):
+    if not args.resume and has_run_files(out_dir):
         raise SetupError(f"output directory {out_dir} is not empty: pass --resume or set --output-dir")
-    barrier()  # every rank checked the directory before rank 0 writes into it
-    if is_main_process():
-        save_config({k: v for k, v in cfg.items() if not k.startswith("_")}, out_dir)
+    with hold_output_dir(out_dir):
+        return _train_in(out_dir, args, cfg, rank, world_size, device)
+
+
+def _train_in(out_dir: Path, args: argparse.Namespace, cfg: dict[str, Any], rank: int, world_size: int,
+              device: torch.device) -> dict[str, float]:
+    resume_from = latest_checkpoint(out_dir) if args.resume else None
     seed_everything(cfg["seed"] + rank)
 
     pipe = load_pipeline_config(resolve_path(cfg["pipeline_config"]))
@@ -149,6 +226,8 @@ def train(args: argparse.Namespace) -> dict[str, float]:
         optimizer.load_state_dict(ckpt["optimizer"])
         start_epoch = int(ckpt["epoch"]) + 1
         logger.info("resumed from %s: starting epoch %d", resume_from, start_epoch)
+        if is_main_process():
+            truncate_logs(out_dir, start_epoch)
     elif args.resume:
         logger.info("--resume: no checkpoint in %s, starting a new run", out_dir)
 
@@ -163,6 +242,8 @@ def train(args: argparse.Namespace) -> dict[str, float]:
                 "base lr %.2e (no batch scaling, as released)", len(dataset), len(loader) // optim_cfg["accum_steps"],
                 eff_batch, optim_cfg["batch_size"], optim_cfg["accum_steps"], world_size, optim_cfg["lr"])
 
+    if is_main_process():  # only now: a run that fails to start leaves no config behind
+        save_config({k: v for k, v in cfg.items() if not k.startswith("_")}, out_dir)
     stats: dict[str, float] = {}
     last = str(resume_from) if resume_from else None
     for epoch in range(start_epoch, optim_cfg["epochs"]):

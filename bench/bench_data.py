@@ -33,7 +33,7 @@ import numpy as np  # noqa: E402
 import SimpleITK as sitk  # noqa: E402
 
 from data import fix_data, generate_mask, preprocess, resize  # noqa: E402
-from data.cache import image_to_mask_path, list_volumes, open_volume, scale_hu  # noqa: E402
+from data.io import image_to_mask_path, list_volumes, open_volume, scale_hu  # noqa: E402
 from data.common import load_pipeline_config, volume_relpath  # noqa: E402
 from data.synthetic import generate_dataset  # noqa: E402
 

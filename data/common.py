@@ -8,22 +8,33 @@ thin ``main(argv=None) -> int``. The runner here:
 - lists the cases (volume names such as ``train_1_a_2.nii.gz``), sorts them and
   keeps ``cases[K::N]`` for ``--shard K/N`` (K is 0-based), so N array jobs
   cover every volume exactly once;
-- skips a case whose outputs all exist, unless ``overwrite``; outputs are always
-  written to a ``.tmp-{name}`` sibling and renamed (``os.replace``), so a killed
-  run never leaves a truncated file under the final name, and a stale
-  ``.tmp-`` file is overwritten by the next attempt;
-- runs the cases inline (``workers == 1``) or in a ``ProcessPoolExecutor`` whose
-  futures are checked one by one: a case that raises, or whose worker process
-  dies, is a failed case, never a hang;
-- writes ``{step}_{split}_failures.csv`` (columns ``volume,reason``; header only
-  when nothing failed) in the data root, replacing the previous run's file. With
-  ``--shard K/N`` and N > 1 the name is ``{step}_{split}_shard{K}of{N}_failures.csv``,
-  so concurrent shards never write the same file;
-- logs one summary line (processed / skipped / failed).
+- skips a case whose outputs all exist and whose inputs (size and mtime of each
+  ``Task.inputs`` file) and settings (``Task.settings``: metadata row, pipeline
+  config) are those recorded when it was made, in
+  ``.manifests/{step}_{split}/{name}.json`` (written after the outputs: a kill
+  in between at worst redoes the case; outputs without a manifest, from a run before
+  manifests existed, are kept when they are newer than every input, as make would);
+  ``overwrite`` redoes every case. A redone case
+  that fails loses its old outputs, so the next step never uses them. Outputs are
+  written atomically (``data.io.atomic_output``);
+- runs the cases inline (``workers == 1``) or in a ``ProcessPoolExecutor`` with
+  at most ``workers`` cases in flight: a case that raises is a failed case; a
+  worker process that dies fails the cases in flight, and a new pool goes on;
+- writes ``{step}_{split}_failures.csv`` (``volume,reason``) and
+  ``{step}_{split}_warnings.csv`` (``volume,warning``; e.g. preprocess: anatomies
+  absent from the mask) in the data root, header only when empty, replacing the
+  previous run's files. With ``--shard K/N`` and N > 1 the names carry
+  ``_shard{K}of{N}``, so concurrent shards never write the same file;
+- holds ``fcntl.flock`` on ``.{step}_{split}.lock`` in the data root for the whole
+  run: a second run of the step on the split exits 2; the shards of a
+  ``--shard K/N`` run share it (and each holds its own ``_shard{K}of{N}`` lock);
+- checks first that the data root and the output folders are writable (exit 2);
+- logs one summary line (processed / skipped / failed / warnings).
 
-``main`` returns 0 when nothing failed, 1 when some case failed, 2 when the run
-could not start (missing input folder or metadata, bad config, TotalSegmentator
-weights not installed).
+``main`` returns 0 when nothing failed (warnings included), 1 when some case failed,
+2 when the run could not start (missing input folder or metadata, bad config,
+TotalSegmentator weights not installed, an output folder not writable, the step
+in use by another run).
 
 Functions ``predict.py`` reuses on in-memory data: ``data.fix_data.fix_geometry``,
 ``data.resize.build_label_lut`` / ``merge_labels`` / ``resample_case`` (SimpleITK
@@ -32,11 +43,10 @@ images) and ``data.preprocess.crop_pad_case`` (``(D, H, W)`` arrays).
 from __future__ import annotations
 
 import argparse
-import csv
 import logging
-import os
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -44,7 +54,8 @@ from typing import Callable, Sequence
 import yaml
 from tqdm import tqdm
 
-from data.cache import tmp_path_for
+from data.io import (InUseError, NotWritableError, check_writable, file_fingerprint, read_json, run_lock,
+                     write_case_csv, write_json)
 from utils.config import resolve_path
 
 logger = logging.getLogger(__name__)
@@ -184,11 +195,18 @@ def select_shard(names: Sequence[str], shard: tuple[int, int]) -> list[str]:
 
 @dataclass(frozen=True)
 class Task:
-    """One case: ``fn()`` (a picklable partial of a module-level function) writes ``outputs``."""
+    """One case: ``fn()`` (a picklable partial of a module-level function) reads ``inputs``, writes ``outputs``.
+
+    ``fn`` may return a dict; its ``"warning"`` (a one-line text) goes into the warnings CSV.
+    ``settings`` is any text that also decides the outputs (a metadata row, the pipeline config):
+    a change of it, like a change of an input file, makes a rerun redo the case.
+    """
 
     name: str
     outputs: tuple[Path, ...]
     fn: Callable[[], object]
+    inputs: tuple[Path, ...] = ()
+    settings: str = ""
 
 
 @dataclass
@@ -199,79 +217,171 @@ class RunSummary:
     processed: int = 0
     skipped: int = 0
     failed: list[tuple[str, str]] = field(default_factory=list)
+    warned: list[tuple[str, str]] = field(default_factory=list)
     failures_csv: Path | None = None
+    warnings_csv: Path | None = None
     results: dict[str, object] = field(default_factory=dict)  # what each processed case's fn returned
 
     def line(self) -> str:
         shard = f" shard {self.shard[0]}/{self.shard[1]}" if self.shard[1] > 1 else ""
         return (f"{self.step} {self.split}{shard}: processed {self.processed}, skipped {self.skipped}, "
-                f"failed {len(self.failed)} (failures: {self.failures_csv})")
+                f"failed {len(self.failed)}, warnings {len(self.warned)} "
+                f"(failures: {self.failures_csv}, warnings: {self.warnings_csv})")
+
+
+def _shard_part(shard: tuple[int, int]) -> str:
+    return f"_shard{shard[0]}of{shard[1]}" if shard[1] > 1 else ""
 
 
 def failures_csv_path(data_root: Path, step: str, split: str, shard: tuple[int, int]) -> Path:
-    part = f"_shard{shard[0]}of{shard[1]}" if shard[1] > 1 else ""
-    return Path(data_root) / f"{step}_{split}{part}_failures.csv"
+    return Path(data_root) / f"{step}_{split}{_shard_part(shard)}_failures.csv"
 
 
-def write_csv(path: Path, header: Sequence[str], rows: Sequence[Sequence[object]]) -> None:
-    """Write a CSV atomically (``.tmp-`` sibling, then ``os.replace``)."""
-    tmp = tmp_path_for(path)
-    with open(tmp, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(header)
-        writer.writerows(rows)
-    os.replace(tmp, path)
+def warnings_csv_path(data_root: Path, step: str, split: str, shard: tuple[int, int]) -> Path:
+    return Path(data_root) / f"{step}_{split}{_shard_part(shard)}_warnings.csv"
+
+
+def manifest_path(data_root: Path, step: str, split: str, name: str) -> Path:
+    """Record of what a finished case was made from: ``.manifests/{step}_{split}/{name}.json``."""
+    return Path(data_root) / ".manifests" / f"{step}_{split}" / f"{name}.json"
 
 
 def _reason(exc: BaseException) -> str:
     if isinstance(exc, CaseError):
         return exc.reason
     if isinstance(exc, BrokenProcessPool):
-        return "worker process crashed (killed or out of memory)"
-    return f"{type(exc).__name__}: {exc}"
+        return "worker process crashed (killed or out of memory) while this case ran"
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+
+
+def _output_folders(data_root: Path, tasks: Sequence[Task]) -> list[Path]:
+    """The data root and the top folder of every output under it (one writability probe each)."""
+    folders = {Path(data_root)}
+    for task in tasks:
+        for out in task.outputs:
+            try:
+                folders.add(Path(data_root) / out.relative_to(data_root).parts[0])
+            except ValueError:  # an output outside the data root
+                folders.add(out.parent)
+    return sorted(folders)
+
+
+@contextmanager
+def _step_lock(data_root: Path, step: str, split: str, shard: tuple[int, int]):
+    """One run per step and split: shards of one ``--shard K/N`` run side by side (a shared lock on the
+    step, an exclusive one on their shard); a run of the whole split excludes them all."""
+    root = Path(data_root)
+    what = f"{step} {split} in {root}"
+    with run_lock(root / f".{step}_{split}.lock", what, shared=shard[1] > 1):
+        if shard[1] == 1:
+            yield
+            return
+        with run_lock(root / f".{step}_{split}{_shard_part(shard)}.lock", f"{what} shard {shard[0]}/{shard[1]}"):
+            yield
 
 
 def run_tasks(step: str, split: str, data_root: str | Path, tasks: Sequence[Task], *, overwrite: bool = False,
               workers: int = 1, shard: tuple[int, int] = (0, 1), pbar: bool = True) -> RunSummary:
-    """Run this shard's tasks, skip finished ones, record failures; never raises for a single case."""
+    """Run this shard's tasks, skip unchanged finished ones, record failures and warnings; never raises for a
+    single case. ``PipelineError`` when an output folder is not writable or another run holds the step."""
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
+    root = Path(data_root)
     by_name = {t.name: t for t in tasks}
     mine = [by_name[name] for name in select_shard(list(by_name), shard)]
-    summary = RunSummary(step, split, shard, failures_csv=failures_csv_path(Path(data_root), step, split, shard))
-    todo = []
+    try:
+        for folder in _output_folders(root, mine):
+            check_writable(folder)
+        with _step_lock(root, step, split, shard):
+            return _run_locked(step, split, root, mine, overwrite=overwrite, workers=workers, shard=shard,
+                               pbar=pbar)
+    except (InUseError, NotWritableError) as exc:
+        raise PipelineError(str(exc)) from None
+
+
+def _run_locked(step: str, split: str, root: Path, mine: list[Task], *, overwrite: bool, workers: int,
+                shard: tuple[int, int], pbar: bool) -> RunSummary:
+    summary = RunSummary(step, split, shard, failures_csv=failures_csv_path(root, step, split, shard),
+                         warnings_csv=warnings_csv_path(root, step, split, shard))
+    todo, made_from = [], {}
     for task in mine:
-        if not overwrite and all(p.is_file() for p in task.outputs):
+        made_from[task.name] = {"inputs": file_fingerprint(task.inputs), "settings": task.settings}
+        record = read_json(manifest_path(root, step, split, task.name)) if not overwrite else None
+        if record is None and not overwrite and _outputs_newer_than_inputs(task):
+            record = {**made_from[task.name], "warning": None}  # written before manifests existed: adopted
+            write_json(manifest_path(root, step, split, task.name), record)
+        if (isinstance(record, dict) and {k: record.get(k) for k in made_from[task.name]} == made_from[task.name]
+                and all(p.is_file() for p in task.outputs)):
             summary.skipped += 1
+            if record.get("warning"):  # still true of the kept outputs
+                summary.warned.append((task.name, record["warning"]))
         else:
             todo.append(task)
 
-    def record(name: str, exc: BaseException | None, result: object = None) -> None:
+    def finish(task: Task, result: object, exc: BaseException | None) -> None:
+        manifest = manifest_path(root, step, split, task.name)
         if exc is None:
+            warning = result.get("warning") if isinstance(result, dict) else None
+            write_json(manifest, {**made_from[task.name], "warning": warning})
             summary.processed += 1
-            summary.results[name] = result
+            summary.results[task.name] = result
+            if warning:
+                summary.warned.append((task.name, warning))
             return
-        summary.failed.append((name, _reason(exc)))
-        logger.warning("%s %s failed: %s", step, name, _reason(exc), exc_info=None if isinstance(exc, CaseError) else exc)
+        manifest.unlink(missing_ok=True)
+        for out in task.outputs:  # made from inputs that have changed since: never leave them for the next step
+            out.unlink(missing_ok=True)
+        summary.failed.append((task.name, _reason(exc)))
+        logger.warning("%s %s failed: %s", step, task.name, _reason(exc),
+                       exc_info=None if isinstance(exc, (CaseError, BrokenProcessPool)) else exc)
 
     with tqdm(total=len(todo), desc=f"{step} {split}", disable=not pbar) as bar:
         if workers == 1:
             for task in todo:
                 try:
-                    record(task.name, None, task.fn())
+                    result = task.fn()
                 except Exception as exc:  # recorded as a failed case
-                    record(task.name, exc)
+                    finish(task, None, exc)
+                else:
+                    finish(task, result, None)
                 bar.update()
         else:
-            with ProcessPoolExecutor(max_workers=workers) as pool:
-                futures = {pool.submit(task.fn): task.name for task in todo}
-                for future in as_completed(futures):
-                    exc = future.exception()
-                    record(futures[future], exc, None if exc else future.result())
-                    bar.update()
-    write_csv(summary.failures_csv, ("volume", "reason"), sorted(summary.failed))
+            _run_pool(todo, workers, finish, bar)
+    write_case_csv(summary.failures_csv, summary.failed)
+    write_case_csv(summary.warnings_csv, summary.warned, header=("volume", "warning"))
     logger.info(summary.line())
     return summary
+
+
+def _outputs_newer_than_inputs(task: Task) -> bool:
+    """make's rule, for outputs without a manifest: every output exists and is newer than every input."""
+    outputs, inputs = file_fingerprint(task.outputs), file_fingerprint(task.inputs)
+    if not outputs or None in outputs or None in inputs:
+        return False
+    return min(o[1] for o in outputs) >= max((i[1] for i in inputs), default=0)
+
+
+def _run_pool(todo: list[Task], workers: int, finish: Callable[[Task, object, BaseException | None], None],
+              bar: tqdm) -> None:
+    """Run ``todo`` on ``workers`` processes, never more cases in flight than workers, so that a worker that dies
+    (killed, out of memory) fails only the cases in flight; a new pool then goes on with the rest."""
+    pending = list(reversed(todo))
+    while pending:
+        with ProcessPoolExecutor(max_workers=workers) as pool:
+            in_flight: dict = {}
+            broken = False
+            while pending or in_flight:
+                while pending and not broken and len(in_flight) < workers:
+                    task = pending.pop()
+                    in_flight[pool.submit(task.fn)] = task
+                if not in_flight:
+                    break
+                done, _ = wait(in_flight, return_when=FIRST_COMPLETED)
+                for future in done:
+                    exc = future.exception()
+                    broken |= isinstance(exc, BrokenProcessPool)
+                    finish(in_flight.pop(future), None if exc else future.result(), exc)
+                    bar.update()
 
 
 # ---------------------------------------------------------------------------- CLI

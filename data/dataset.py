@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from data.cache import image_to_mask_path, list_volumes, open_volume, scale_hu
+from data.io import image_to_mask_path, list_volumes, open_volume, scale_hu
 from data.texts import compose_anatomy_text, is_abnormal, text_for_encoding, text_hash
 
 logger = logging.getLogger(__name__)
@@ -62,6 +62,30 @@ def usable_anatomies(mask: np.ndarray, n_anatomies: int) -> np.ndarray:
     ])
     on_face = np.bincount(faces, minlength=n_anatomies + 1)[1 : n_anatomies + 1] > 0
     return present & ~on_face
+
+
+def log_text_gaps(scan_ids: Sequence[str], anatomy_names: Sequence[str],
+                  reports: dict[str, dict[str, Any]]) -> None:
+    """Warn once per report file about scans it lacks and about empty entries, counted per anatomy.
+
+    Both are read as "no text" (a missing conclusion gives the normal template). The release differs on
+    empty conclusions (it makes them "." and the anatomy abnormal), so their counts are worth seeing.
+    """
+    for file_name, info in reports.items():
+        absent = [s for s in scan_ids if s not in info]
+        if absent:
+            logger.warning("%s lacks %d of %d scans (read as no text), e.g. %s", file_name, len(absent),
+                           len(scan_ids), ", ".join(absent[:3]))
+        empty = {a: 0 for a in anatomy_names}
+        for s in scan_ids:
+            entries = info.get(s) or {}
+            for a in anatomy_names:
+                if a in entries and not str(entries[a] or "").strip():
+                    empty[a] += 1
+        if any(empty.values()):
+            logger.warning("%s has empty or blank entries (read as no text; the release would call an empty "
+                           "conclusion abnormal): %s", file_name,
+                           ", ".join(f"{a} {n}" for a, n in empty.items() if n))
 
 
 class CTRateTrainDataset(Dataset):
@@ -107,9 +131,7 @@ class CTRateTrainDataset(Dataset):
                                     dtype=np.int64).reshape(len(self.scan_ids), -1)
         self.abnormal = np.array([[is_abnormal(t, a) for t, a in zip(ts, self.anatomy_names)]
                                   for ts in self.texts], dtype=bool).reshape(len(self.scan_ids), -1)
-        missing = [s for s in self.scan_ids if s not in conc_info and s not in desc_info]
-        if missing:
-            logger.warning("%d scans have no report texts (treated as normal), e.g. %s", len(missing), missing[0])
+        log_text_gaps(self.scan_ids, self.anatomy_names, {"desc_info.json": desc_info, "conc_info.json": conc_info})
         logger.info("%s: %d scans, %d reconstructions", split, len(self.scan_ids), len(volumes))
 
     def set_epoch(self, epoch: int) -> None:

@@ -56,9 +56,9 @@ if __package__ in (None, ""):  # run as `python fix_data.py` from inside data/
 import numpy as np
 import SimpleITK as sitk
 
-from data.cache import VolumeReadError, check_complete, write_volume
 from data.common import (METADATA_FILES, CaseError, PipelineError, RunSummary, Task, failures_csv_path,
-                         list_inputs, run_cli, run_tasks, step_parser, volume_relpath, write_csv)
+                         list_inputs, run_cli, run_tasks, step_parser, volume_relpath)
+from data.io import VolumeReadError, check_complete, count_non_finite, write_csv, write_volume
 
 logger = logging.getLogger(__name__)
 
@@ -137,7 +137,7 @@ def read_sitk(path: Path, what: str = "NIfTI") -> sitk.Image:
         detail = " ".join(str(exc).split())[-160:]
         raise CaseError(f"corrupt or truncated {what} {path.name}: {detail}") from None
     if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
-        raise CaseError(f"{what} {path.name} is not a 3D scalar volume")
+        raise CaseError(f"{what} {path.name} is not a 3D scalar volume (size {image.GetSize()})")
     return image
 
 
@@ -180,6 +180,9 @@ def fix_case(src: Path, dst: Path, row: Mapping[str, str] | None, *, compresslev
         raise CaseError("no metadata row")
     geometry = fix_geometry(row)
     image = read_sitk(src)
+    non_finite = count_non_finite(src)
+    if non_finite:
+        raise CaseError(f"{non_finite} non-finite voxels (NaN or inf) in {src.name}: replace or drop the volume")
     stored = sitk.GetArrayViewFromImage(image)  # (D, H, W)
     version, evidence = ctrate_version(image, stored, geometry)
     hu = to_hu(stored, geometry.slope, geometry.intercept) if version == 1 else to_hu(stored, 1.0, 0.0)
@@ -217,7 +220,8 @@ def run(data_root: str | Path, split: str, *, overwrite: bool = False, workers: 
         rel = volume_relpath(name)
         dst = root / f"{split}_fixed" / rel
         tasks.append(Task(name, (dst,), partial(fix_case, root / split / rel, dst, metadata.get(name),
-                                                compresslevel=compresslevel)))
+                                                compresslevel=compresslevel),
+                          inputs=(root / split / rel,), settings=repr((metadata.get(name), compresslevel))))
     summary = run_tasks("fix", split, root, tasks, overwrite=overwrite, workers=workers, shard=shard, pbar=pbar)
     versions = versions_csv_path(root, split, shard)
     record = read_versions(versions)

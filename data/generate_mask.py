@@ -38,7 +38,7 @@ import nibabel as nib
 import numpy as np
 import SimpleITK as sitk
 
-from data.cache import read_geometry, write_volume
+from data.io import read_geometry, write_volume
 from data.common import (CaseError, PipelineConfig, PipelineError, RunSummary, Task, list_inputs,
                          load_pipeline_config, run_cli, run_tasks, step_parser, volume_relpath)
 from data.fix_data import read_sitk
@@ -194,7 +194,9 @@ def run(data_root: str | Path, split: str, *, overwrite: bool = False, workers: 
             fn = partial(copy_mask_case, source / rel, image, dst, valid_ids)
         else:
             fn = partial(segment_case, image, dst, roi_subset=classes, fast=fast, device=device)
-        tasks.append(Task(name, (dst,), fn))
+        inputs = (image, source / rel) if masks_from is not None else (image,)
+        settings = "copy" if masks_from is not None else repr(("totalsegmentator", classes, fast))
+        tasks.append(Task(name, (dst,), fn, inputs=inputs, settings=settings))
     return run_tasks("mask", split, root, tasks, overwrite=overwrite, workers=workers, shard=shard, pbar=pbar)
 
 

@@ -46,7 +46,7 @@ if __package__ in (None, ""):  # run as `python import_ct.py` from inside data/
 import numpy as np
 import SimpleITK as sitk
 
-from data.cache import IDENTITY_DIRECTION, write_volume
+from data.io import IDENTITY_DIRECTION, write_volume
 from data.common import (CaseError, PipelineError, RunSummary, Task, nii_stem, run_cli, run_tasks, step_parser,
                          volume_relpath)
 from data.fix_data import read_sitk, to_hu

@@ -6,13 +6,15 @@ axis, ``first``/``last`` the extreme indices of non-zero anatomy voxels and ``ex
 anatomies and ``ext - 1`` after. Then pad to at least ``min_size_dhw``,
 ``(min - size) // 2`` before and the rest after, with ``pad_hu`` = the low end of
 ``hu_window`` (scales to 0) and mask 0. Every anatomy id present before is
-checked to be present after; a mask without any anatomy is a failed case.
+checked to be present after; a mask without any anatomy is a failed case, and a
+mask without some anatomy of the map is a warning row (``preprocess_{split}_warnings.csv``:
+eval will leave that anatomy's cells empty).
 
 Cache format: ``processed_{split}_images/{patient}/{scan}/{stem}.nii`` uncompressed
-int16 HU (not scaled: ``data.cache.scale_hu`` clips and scales at read time) and
+int16 HU (not scaled: ``data.io.scale_hu`` clips and scales at read time) and
 ``processed_{split}_masks/.../{stem}.nii`` uint8 anatomy ids; the origin is moved
 by the crop/pad offset, so the cache still overlays the fixed image in a viewer.
-``data.cache.open_volume`` memory-maps them: a random crop reads only its voxels.
+``data.io.open_volume`` memory-maps them: a random crop reads only its voxels.
 """
 from __future__ import annotations
 
@@ -27,7 +29,7 @@ if __package__ in (None, ""):  # run as `python preprocess.py` from inside data/
 
 import numpy as np
 
-from data.cache import VolumeReadError, open_volume, read_geometry, write_volume
+from data.io import VolumeReadError, open_volume, read_geometry, write_volume
 from data.common import (CaseError, PipelineConfig, RunSummary, Task, list_inputs, load_pipeline_config,
                          run_cli, run_tasks, step_parser, volume_relpath)
 
@@ -117,7 +119,14 @@ def preprocess_case(image_src: Path, mask_src: Path, image_dst: Path, mask_dst: 
     new_origin = np.asarray(origin) + np.asarray(direction).reshape(3, 3) @ shift_xyz
     write_volume(image_dst, image, spacing, new_origin, direction)
     write_volume(mask_dst, mask, spacing, new_origin, direction)
-    return {"shape_dhw": image.shape, "offset_dhw": window.offset_dhw}
+    return {"shape_dhw": image.shape, "offset_dhw": window.offset_dhw, "warning": missing_anatomies(mask, cfg)}
+
+
+def missing_anatomies(mask_dhw: np.ndarray, cfg: PipelineConfig) -> str | None:
+    """``"missing anatomies: lung, ..."`` when some anatomy of the map has no voxel (eval leaves its cells empty)."""
+    present = set(present_labels(mask_dhw).tolist())
+    missing = [name for k, name in enumerate(cfg.anatomy_names, start=1) if k not in present]
+    return f"missing anatomies: {', '.join(missing)}" if missing else None
 
 
 def run(data_root: str | Path, split: str, *, overwrite: bool = False, workers: int = 1,
@@ -131,7 +140,7 @@ def run(data_root: str | Path, split: str, *, overwrite: bool = False, workers: 
         image_dst, mask_dst = root / f"processed_{split}_images" / rel, root / f"processed_{split}_masks" / rel
         fn = partial(preprocess_case, root / f"resized_{split}_images" / rel, root / f"resized_{split}_masks" / rel,
                      image_dst, mask_dst, cfg)
-        tasks.append(Task(name, (image_dst, mask_dst), fn))
+        tasks.append(Task(name, (image_dst, mask_dst), fn, inputs=fn.args[:2], settings=repr(cfg)))
     return run_tasks("preprocess", split, root, tasks, overwrite=overwrite, workers=workers, shard=shard,
                      pbar=pbar)
 

@@ -40,7 +40,7 @@ import SimpleITK as sitk
 import torch
 import torch.nn.functional as F
 
-from data.cache import write_volume
+from data.io import write_volume
 from data.common import (PipelineConfig, PipelineError, RunSummary, Task, list_inputs, load_pipeline_config,
                          nii_stem, run_cli, run_tasks, step_parser, volume_relpath)
 from data.fix_data import read_sitk
@@ -134,7 +134,7 @@ def run(data_root: str | Path, split: str, *, overwrite: bool = False, workers: 
         image_dst, mask_dst = root / f"resized_{split}_images" / out_rel, root / f"resized_{split}_masks" / out_rel
         fn = partial(resize_case, root / f"{split}_fixed" / rel, root / f"{split}_mask" / rel,
                      image_dst, mask_dst, cfg, lut)
-        tasks.append(Task(name, (image_dst, mask_dst), fn))
+        tasks.append(Task(name, (image_dst, mask_dst), fn, inputs=fn.args[:2], settings=repr(cfg)))
     return run_tasks("resize", split, root, tasks, overwrite=overwrite, workers=workers, shard=shard, pbar=pbar)
 
 

@@ -33,7 +33,7 @@ if __package__ in (None, ""):  # run as `python synthetic_external.py` from insi
 import numpy as np
 import SimpleITK as sitk
 
-from data.cache import tmp_path_for, write_volume
+from data.io import atomic_output, write_volume
 from data.common import nii_stem, volume_relpath
 from data.import_ct import volume_name
 from data.synthetic import (_TEXT, SIMULATED, _rngs, _write_text, load_anatomies, scan_phantom, scan_texts,
@@ -73,12 +73,9 @@ def write_npz(path: Path, hu: np.ndarray, spacing_xyz, origin_xyz) -> None:
     """Slices top to bottom: voxel k sits at z = origin_z + (D - 1 - k) * sz, direction z = -1."""
     d = hu.shape[0]
     top = (origin_xyz[0], origin_xyz[1], origin_xyz[2] + (d - 1) * spacing_xyz[2])
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = tmp_path_for(path)
-    with open(tmp, "wb") as f:
+    with atomic_output(path) as tmp, open(tmp, "wb") as f:
         np.savez_compressed(f, ct=hu[::-1], spacing=np.asarray(spacing_xyz[::-1]), origin=np.asarray(top),
                             direction=np.diag([1.0, 1.0, -1.0]).ravel())
-    tmp.replace(path)
 
 
 def write_dicom_series(folder: Path, hu: np.ndarray, spacing_xyz, origin_xyz) -> None:
@@ -109,10 +106,8 @@ def write_nifti_ras(path: Path, hu: np.ndarray, spacing_xyz, origin_xyz) -> None
     img.SetOrigin((origin_xyz[0] + (w - 1) * spacing_xyz[0], origin_xyz[1] + (h - 1) * spacing_xyz[1],
                    origin_xyz[2]))
     img.SetDirection((-1.0, 0.0, 0.0, 0.0, -1.0, 0.0, 0.0, 0.0, 1.0))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = tmp_path_for(path)
-    sitk.WriteImage(img, str(tmp))
-    tmp.replace(path)
+    with atomic_output(path) as tmp:
+        sitk.WriteImage(img, str(tmp))
 
 
 def generate_external(out_dir: str | Path, *, n: int = 12, seed: int = 0, split: str = "valid") -> dict[str, Any]:

@@ -123,6 +123,19 @@ def load_tokenizer(path: str | Path) -> BertTokenizerFast:
     return BertTokenizerFast.from_pretrained(str(path), local_files_only=True)
 
 
+def missing_parts(path: str | Path, *, weights: bool) -> list[str]:
+    """The parts a text-encoder directory lacks (config, vocabulary, and weights when ``weights``); [] when complete."""
+    path = Path(path)
+    if not path.is_dir():
+        return ["the directory itself"]
+    missing = [] if (path / "config.json").is_file() else ["config.json"]
+    if weights and not any((path / f).is_file() for w in _WEIGHT_FILES for f in (w, f"{w}.index.json")):
+        missing.append(" or ".join(_WEIGHT_FILES))
+    if not (path / "vocab.txt").is_file() and not (path / "tokenizer.json").is_file():
+        missing.append("vocab.txt or tokenizer.json")
+    return missing
+
+
 def load_text_encoder(path: str | Path, *, allow_missing: bool = False) -> tuple[BertModel, BertTokenizerFast]:
     """``(BertModel(add_pooling_layer=False), tokenizer)`` from a local CXR-BERT or BERT directory.
 

@@ -121,7 +121,7 @@ def test_save_and_load_checkpoint(tmp_path):
     path = save_checkpoint(tmp_path / "out" / "checkpoint_0.pth", model=model, optimizer=opt, epoch=0,
                            config={"model": {"embed_dim": 32}, "crop": [16, 16, 24]},
                            extra={"rng_cpu": torch.get_rng_state(), "step": 7})
-    assert path.is_file() and not list(path.parent.glob("*.tmp"))
+    assert path.is_file() and not list(path.parent.glob(".tmp-*"))
     ckpt = load_checkpoint(path)  # weights_only=True
     assert ckpt["epoch"] == 0 and ckpt["step"] == 7 and ckpt["config"]["crop"] == [16, 16, 24]
     assert not any(k.startswith("text_encoder.embeddings.") for k in ckpt["model"])  # frozen: left out

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from data.cache import scale_hu, write_volume
+from data.io import scale_hu, write_volume
 from data.dataset import CTRateTrainDataset, SampleReadError, collate, scan_id_of, usable_anatomies
 from data.texts import text_hash
 

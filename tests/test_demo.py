@@ -7,7 +7,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from data.cache import list_volumes
+from data.io import list_volumes
 
 REPO = Path(__file__).resolve().parents[1]
 # Abnormalities that change an anatomy as a whole: an enlarged heart, a fluid rim around it, a

@@ -230,7 +230,7 @@ def _tiny_bert(folder: Path) -> Path:
 
 
 def _write_case(root: Path, name: str, hu: np.ndarray, mask: np.ndarray) -> None:
-    from data.cache import write_volume
+    from data.io import write_volume
 
     stem = name[: -len(".nii.gz")]
     rel = Path(stem.rsplit("_", 2)[0], stem.rsplit("_", 1)[0], stem + ".nii")
@@ -306,7 +306,7 @@ def test_eval_end_to_end_on_a_fake_cache(eval_setup, tmp_path):
     assert list(failures.columns) == ["volume", "reason"] and failures.empty
 
     # the same numbers from the scorer used directly on one volume (the code predict.py shares)
-    from data.cache import scale_hu
+    from data.io import scale_hu
     from models.zeroshot import ZeroShotScorer, prompt_features
     from utils.zeroshot import load_eval_model, load_items
 
@@ -447,7 +447,7 @@ def test_predict_shares_eval_scoring(eval_setup, tmp_path, capsys):
     import SimpleITK as sitk
 
     import predict as predict_cli
-    from data.cache import scale_hu
+    from data.io import scale_hu
     from data.common import load_pipeline_config
     from models.zeroshot import ZeroShotScorer, prompt_features
     from utils.zeroshot import load_eval_model, load_items

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from data import preprocess, resize
-from data.cache import image_to_mask_path, list_volumes, open_volume, scale_hu, write_volume
+from data.io import image_to_mask_path, list_volumes, open_volume, scale_hu, write_volume
 from data.common import PipelineConfig, load_pipeline_config, volume_relpath
 from data.synthetic import Grid, render, scan_phantom
 

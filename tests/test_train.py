@@ -14,7 +14,7 @@ import yaml
 
 import pretrain_text
 import train
-from data.cache import write_volume
+from data.io import write_volume
 from data.common import load_pipeline_config
 from data.dataset import CTRateTrainDataset
 from utils.checkpoint import load_checkpoint

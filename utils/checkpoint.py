@@ -6,14 +6,13 @@ way. ``RELEASE_RENAMES`` is the one (native, release) table used in both directi
 
 Checkpoint file (``checkpoint_{epoch}.pth``): ``{"model": release-layout state dict without
 frozen parameters, "optimizer": ..., "epoch": int, "config": plain dict, **extra}``, written to
-a temporary file and moved into place with ``os.replace``, loaded with
+a temporary file and moved into place (``data.io.atomic_output``), loaded with
 ``torch.load(weights_only=True)`` (so only tensors and primitive containers are stored).
 """
 from __future__ import annotations
 
 import logging
 import math
-import os
 import pickle
 import re
 from pathlib import Path
@@ -23,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from data.io import atomic_output
 from models.vit3d import VisionTransformer3D, resample_pos_embed_3d
 
 logger = logging.getLogger(__name__)
@@ -114,9 +114,11 @@ def filter_state_dict(sd: Mapping[str, Any], model: nn.Module) -> dict[str, torc
             logger.info("checkpoint has no token-type embeddings: using zeros")
     pos = sd.get("visual_encoder.pos_embed")
     if pos is not None and "visual_encoder.pos_embed" in own and pos.shape != own["visual_encoder.pos_embed"].shape:
-        raise CheckpointError(
-            f"position embeddings {tuple(pos.shape)} do not fit the model's {tuple(own['visual_encoder.pos_embed'].shape)}: "
-            "build the model with the crop size and patch size the checkpoint was trained with")
+        own_shape = tuple(own["visual_encoder.pos_embed"].shape)
+        hint = (f"the checkpoint's width (embed_dim {pos.shape[-1]}) is not the model's ({own_shape[-1]}): build it "
+                "with the model size (--config) the checkpoint was trained with" if pos.shape[-1] != own_shape[-1]
+                else "build the model with the crop size and patch size the checkpoint was trained with")
+        raise CheckpointError(f"position embeddings {tuple(pos.shape)} do not fit the model's {own_shape}: {hint}")
     return sd
 
 
@@ -230,10 +232,8 @@ def save_checkpoint(
         "config": dict(config) if config is not None else None,
     }
     payload.update(extra or {})
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+    with atomic_output(path) as tmp:
+        torch.save(payload, tmp)
     return path
 
 
@@ -243,10 +243,13 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"checkpoint {path} is empty (0 bytes; a copy cut short?): delete it or use another")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as e:
-        raise CheckpointError(f"cannot load {path} with weights_only=True: {e}") from e
+        detail = " ".join(str(e).split())[:300] or type(e).__name__
+        raise CheckpointError(f"cannot load {path} with weights_only=True: {detail}") from e
 
 
 def latest_checkpoint(output_dir: str | Path) -> Path | None:

@@ -14,6 +14,8 @@ from typing import Any, Iterable
 
 import yaml
 
+from data.io import atomic_output
+
 
 class ConfigError(ValueError):
     """A preset or an override is malformed."""
@@ -111,9 +113,6 @@ def apply_overrides(cfg: dict[str, Any], overrides: Iterable[str]) -> dict[str, 
 def save_config(cfg: dict[str, Any], run_dir: str | Path, name: str = "config.yaml") -> Path:
     """Write the resolved config to ``run_dir/name`` and return the path."""
     path = Path(run_dir) / name
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with open(tmp, "w") as f:
+    with atomic_output(path) as tmp, open(tmp, "w") as f:
         yaml.safe_dump(cfg, f, sort_keys=False)
-    tmp.replace(path)
     return path

@@ -3,9 +3,14 @@ from __future__ import annotations
 
 import logging
 import os
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+from typing import Iterator
 
 import torch
 import torch.distributed as dist
+
+from data.io import InUseError, run_lock
 
 logger = logging.getLogger(__name__)
 
@@ -84,6 +89,22 @@ def gather_to_main(obj: object) -> list[object]:
     out: list[object] = [None] * dist.get_world_size() if is_main_process() else None
     dist.gather_object(obj, out, dst=0)
     return out if is_main_process() else []
+
+
+@contextmanager
+def main_process_lock(path: str | Path, what: str) -> Iterator[None]:
+    """Rank 0 holds ``data.io.run_lock(path)`` for the block; when another run holds it, every rank raises
+    ``InUseError`` (rank 0 with the lock's message), so no rank goes on alone."""
+    with ExitStack() as stack:
+        error = ""
+        if is_main_process():
+            try:
+                stack.enter_context(run_lock(path, what))
+            except InUseError as e:
+                error = str(e)
+        if all_reduce_mean(float(bool(error))) > 0:
+            raise InUseError(error or f"{what} is in use by another run (see rank 0)")
+        yield
 
 
 def destroy() -> None:

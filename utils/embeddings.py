@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -27,7 +26,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from data.cache import VolumeReadError, list_volumes, scale_hu, tmp_path_for
+from data.io import VolumeReadError, atomic_output, list_volumes, scale_hu
 from data.common import load_pipeline_config, nii_stem
 from data.texts import compose_anatomy_text, text_for_encoding
 from eval import read_case, volume_name  # eval.py's reading of a processed case (one place; re-point with eval's I/O)
@@ -62,14 +61,11 @@ class ImageEmbeddings:
     source: str  # what made the features: checkpoint, data root, window size
 
     def save(self, path: Path) -> None:
-        """Atomic ``np.savez`` (``.tmp-`` sibling, then ``os.replace``)."""
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = tmp_path_for(path)
-        with open(tmp, "wb") as f:
+        """Atomic ``np.savez`` (``data.io.atomic_output``)."""
+        with atomic_output(path) as tmp, open(tmp, "wb") as f:
             np.savez(f, names=np.asarray(self.names, dtype=str), anatomies=np.asarray(self.anatomies, dtype=str),
                      projected=self.projected, pooled=self.pooled, present=self.present,
                      source=np.asarray(self.source))
-        os.replace(tmp, path)
 
     @classmethod
     def load(cls, path: str | Path) -> "ImageEmbeddings":

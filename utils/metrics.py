@@ -5,7 +5,10 @@ named ``{anatomy}_{abnormality}_{negative}_{positive}``):
 
 - abnormality = ``column.split("_")[1]``; its label for a row is the value of
   that column in the labels CSV row whose ``VolumeName`` equals ``file_name``;
-- an empty / NaN probability counts as 0 (anatomy absent from the volume);
+- an empty / NaN probability counts as 0 (anatomy absent from the volume; how many
+  per item is logged); an infinite one, or one outside [0, 1], is an input error;
+- labelled volumes the CSV lacks, and labelled abnormalities without an item
+  column, are not scored (their counts are logged);
 - AUC = ``sklearn.metrics.roc_auc_score``;
 - threshold: 100 evenly spaced values ``np.linspace(0, 1, 100)``; prediction
   ``prob > threshold``; keep the threshold minimising
@@ -151,10 +154,35 @@ def align(predictions: pd.DataFrame, labels: pd.DataFrame) -> ScoringTable:
         probs = predictions[columns].apply(pd.to_numeric, errors="raise").to_numpy(dtype=np.float64)
     except (ValueError, TypeError) as e:
         raise MetricsInputError(f"prediction CSV holds a non-numeric probability: {e}") from e
+    bad = np.isinf(probs) | (probs < 0) | (probs > 1)  # NaN compares False: empty cells pass
+    if bad.any():
+        row, col = np.argwhere(bad)[0]
+        raise MetricsInputError(f"{int(bad.sum())} probabilities are infinite or outside [0, 1], e.g. "
+                                f"{probs[row, col]} for {file_names[row]} in {columns[col]!r}: fix the prediction CSV")
+    _log_unscored(probs, file_names, abnormalities, labels)
     probs = np.nan_to_num(probs, nan=0.0)
     counts = pd.Series(abnormalities).value_counts()
     names = [a if counts[a] == 1 else c for c, a in zip(columns, abnormalities)]
     return ScoringTable(file_names, columns, names, probs, label_values.astype(np.int64))
+
+
+def _log_unscored(probs: np.ndarray, file_names: Sequence[str], abnormalities: Sequence[str],
+                  labels: pd.DataFrame) -> None:
+    """Log what the scores leave out or fill in: empty cells (scored 0) per item, labelled volumes and
+    abnormalities the prediction CSV lacks."""
+    empty = np.isnan(probs).sum(axis=0)
+    if empty.any():
+        logger.warning("empty cells scored as probability 0 (spec §8), per item: %s",
+                       ", ".join(f"{a} {n}" for a, n in zip(abnormalities, empty.tolist()) if n))
+    listed = set(file_names)
+    unscored = [v for v in labels[LABEL_KEY].astype(str) if v not in listed]
+    if unscored:
+        logger.warning("%d labelled volume(s) are not in the prediction CSV (not scored), e.g. %s",
+                       len(unscored), _few(unscored, 3))
+    unpredicted = [c for c in labels.columns if c != LABEL_KEY and c not in set(abnormalities)]
+    if unpredicted:
+        logger.warning("%d labelled abnormality(ies) have no item column in the prediction CSV (not scored): %s",
+                       len(unpredicted), _few(unpredicted))
 
 
 def best_threshold(labels: np.ndarray, probs: np.ndarray) -> tuple[float, np.ndarray]:

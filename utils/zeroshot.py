@@ -6,19 +6,18 @@
 - ``load_eval_model(cfg, checkpoint, ...)``: the FVLM of a training preset with the weights of
   one of our checkpoints (``{"model": state_dict, ...}``) or of the released fVLM layout
   (spec §6), loaded with ``weights_only=True``; eval mode.
-- ``write_prediction_csv`` / ``write_failures_csv``: atomic writes in the release's format.
+- ``write_prediction_csv``: the atomic prediction CSV in the release's format (failures: ``data.io.write_case_csv``).
 """
 from __future__ import annotations
 
-import csv
 import logging
-import os
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 import yaml
 
+from data.io import write_csv
 from models.fvlm import FVLM, build_fvlm
 from models.text_encoder import TextEncoderError, build_text_encoder
 from models.zeroshot import ZeroShotItem
@@ -98,25 +97,11 @@ def load_eval_model(
     return model.eval().to(device), tokenizer
 
 
-def _atomic_csv(path: Path, header: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp-{path.name}")
-    with open(tmp, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(header)
-        writer.writerows(rows)
-    os.replace(tmp, path)
-
-
 def write_prediction_csv(path: str | Path, rows: Mapping[str, Mapping[str, float]],
                          items: Sequence[ZeroShotItem]) -> None:
     """``file_name`` + one column per item, rows sorted by file name; empty cell = anatomy absent."""
     columns = [item.column for item in items]
-    _atomic_csv(Path(path), [FILE_COLUMN, *columns],
+    write_csv(path, [FILE_COLUMN, *columns],
                 ([name, *(repr(rows[name][c]) if c in rows[name] else "" for c in columns)]
                  for name in sorted(rows)))
 
-
-def write_failures_csv(path: str | Path, failures: Iterable[tuple[str, str]]) -> None:
-    """``volume,reason`` (header only when nothing failed), as the data pipeline writes them."""
-    _atomic_csv(Path(path), ["volume", "reason"], sorted(failures))

@@ -1,4 +1,11 @@
-"""NIfTI I/O for the pipeline and the training cache.
+"""File I/O of the data steps, the training cache and the run outputs: NIfTI volumes, CSV reports, atomic writes.
+
+Atomic writes: every output is written to its ``.tmp-{name}`` sibling and renamed
+(``os.replace``) by ``atomic_output``, so a killed process never leaves a
+truncated file under the final name; the temporary name is deterministic, so a
+stale one left by a kill is simply overwritten by the next attempt, and it starts
+with a dot, so listings skip it. ``write_case_csv`` writes the per-case reports
+(``volume,reason`` failures, ``volume,warning`` warnings) with one line per cell.
 
 Array layout: every array here is ``(D, H, W)`` = ``(z, y, x)``, exactly what
 ``SimpleITK.GetArrayFromImage`` returns for the same file. On disk the files are
@@ -18,10 +25,16 @@ happens at read time (``scale_hu``).
 """
 from __future__ import annotations
 
+import csv
+import errno
+import fcntl
+import json
 import math
 import os
+import shutil
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Sequence
+from typing import Iterable, Iterator, Sequence
 
 import nibabel as nib
 import numpy as np
@@ -35,14 +48,120 @@ class VolumeReadError(ValueError):
     """A volume file is missing, corrupt, truncated or not in the expected format."""
 
 
-def tmp_path_for(path: str | Path) -> Path:
-    """Temporary sibling used for atomic writes: ``.tmp-{name}`` (same directory, same suffix).
+class InUseError(RuntimeError):
+    """Another run holds the lock of an output (``run_lock``)."""
 
-    The name is deterministic, so a stale file left by a killed run is simply
-    overwritten by the next attempt, and it starts with a dot, so listings skip it.
+
+class NotWritableError(OSError):
+    """An output folder cannot be written (``check_writable``)."""
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
+
+
+@contextmanager
+def atomic_output(path: str | Path) -> Iterator[Path]:
+    """Yield the temporary sibling ``.tmp-{name}`` to write (a file or a directory); on success it
+    replaces ``path``, on any exception it is removed and ``path`` is left as it was."""
+    path = Path(path)
+    tmp = path.with_name(f".tmp-{path.name}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _remove(tmp)  # a stale temporary of a killed run
+    try:
+        yield tmp
+    except BaseException:
+        _remove(tmp)
+        raise
+    if tmp.is_dir() and path.is_dir():  # os.replace cannot replace a non-empty directory
+        shutil.rmtree(path)
+    os.replace(tmp, path)
+
+
+@contextmanager
+def run_lock(path: str | Path, what: str, *, shared: bool = False) -> Iterator[None]:
+    """Hold ``fcntl.flock`` on the lock file ``path`` (created if needed) until the block ends.
+
+    ``InUseError`` at once when another process holds it (exclusive against any holder; ``shared``
+    locks coexist with each other). The kernel drops the lock when the holder exits, however it dies.
     """
     path = Path(path)
-    return path.with_name(f".tmp-{path.name}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise InUseError(f"{what} is in use by another run (lock {path}); wait for it to end, "
+                             "or stop it (its workers too)") from None
+        yield
+    finally:
+        os.close(fd)
+
+
+def check_writable(folder: str | Path) -> None:
+    """``NotWritableError`` naming ``folder`` (or its nearest existing parent) unless a file can be created there."""
+    folder = Path(folder)
+    existing = next(p for p in (folder, *folder.parents) if p.exists())
+    try:
+        probe = os.open(existing / f".write-test-{os.getpid()}", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    except OSError as exc:
+        raise NotWritableError(exc.errno or errno.EACCES,
+                               f"cannot write to {existing} ({exc.strerror}): make it writable or choose "
+                               "another output location") from None
+    os.close(probe)
+    os.unlink(existing / f".write-test-{os.getpid()}")
+
+
+def file_fingerprint(paths: Sequence[Path]) -> list[list[int] | None]:
+    """``[size, mtime_ns]`` per file (``None`` when missing): what a rerun compares to decide it changed."""
+    out = []
+    for path in paths:
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            out.append(None)
+        else:
+            out.append([st.st_size, st.st_mtime_ns])
+    return out
+
+
+def write_json(path: str | Path, obj: object) -> None:
+    """Atomically write ``obj`` as JSON."""
+    with atomic_output(path) as tmp, open(tmp, "w") as f:
+        json.dump(obj, f)
+
+
+def read_json(path: str | Path) -> object | None:
+    """The JSON in ``path``; ``None`` when it is missing or unreadable (treated as absent)."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def one_line(text: object) -> str:
+    """``text`` with every run of whitespace (newlines included) made one space: one CSV cell, one log line."""
+    return " ".join(str(text).split())
+
+
+def write_csv(path: str | Path, header: Sequence[str], rows: Iterable[Sequence[object]]) -> None:
+    """Atomically write a CSV (``header`` then ``rows``)."""
+    with atomic_output(path) as tmp, open(tmp, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(header)
+        writer.writerows(rows)
+
+
+def write_case_csv(path: str | Path, rows: Iterable[tuple[str, str]], header: Sequence[str] = ("volume", "reason")
+                   ) -> None:
+    """A per-case report (failures: ``volume,reason``; warnings: ``volume,warning``), sorted by volume,
+    each cell on one line; header only when ``rows`` is empty."""
+    write_csv(path, header, sorted((one_line(name), one_line(text)) for name, text in rows))
 
 
 def affine_from_geometry(spacing_xyz: Sequence[float], origin_xyz: Sequence[float],
@@ -63,14 +182,14 @@ def geometry_from_affine(affine: np.ndarray) -> tuple[tuple[float, ...], tuple[f
     return tuple(spacing.tolist()), tuple(lps[:, 3].tolist()), tuple(rot.ravel().tolist())
 
 
-def _load(path: str | Path) -> nib.Nifti1Image:
+def _load(path: str | Path, *, three_d: bool = True) -> nib.Nifti1Image:
     try:
         img = nib.load(str(path), mmap=True)
     except FileNotFoundError:
         raise VolumeReadError(f"missing file {path}") from None
     except (ImageFileError, OSError, ValueError, EOFError) as exc:
         raise VolumeReadError(f"unreadable NIfTI {path}: {exc}") from exc
-    if len(img.shape) != 3:
+    if three_d and len(img.shape) != 3:
         raise VolumeReadError(f"{path}: expected a 3D volume, got shape {img.shape}")
     return img
 
@@ -82,7 +201,7 @@ def check_complete(path: str | Path) -> None:
     this first: for gzip the trailer's ISIZE (uncompressed size mod 2**32) must equal
     ``data offset + voxels * bytes per voxel``; an uncompressed file must be that long.
     """
-    img = _load(path)
+    img = _load(path, three_d=False)
     expected = img.dataobj.offset + int(np.prod(img.shape)) * img.get_data_dtype().itemsize
     path = Path(path)
     size = path.stat().st_size
@@ -94,6 +213,17 @@ def check_complete(path: str | Path) -> None:
             raise VolumeReadError(f"truncated gzip NIfTI {path.name} (trailer size {isize}, expected {expected})")
     elif size < expected:
         raise VolumeReadError(f"truncated NIfTI {path.name} ({size} bytes, expected {expected})")
+
+
+def count_non_finite(path: str | Path) -> int:
+    """Voxels that are NaN or +-inf in the stored array (0 for integer types, without reading them).
+
+    Read with nibabel, unscaled: SimpleITK silently turns them into finite values.
+    """
+    img = _load(path, three_d=False)
+    if not np.issubdtype(img.get_data_dtype(), np.floating):
+        return 0
+    return int(np.count_nonzero(~np.isfinite(img.dataobj.get_unscaled())))
 
 
 def open_volume(path: str | Path) -> np.ndarray:
@@ -125,7 +255,7 @@ def read_spacing_xyz(path: str | Path) -> tuple[float, float, float]:
 def write_volume(path: str | Path, array_dhw: np.ndarray, spacing_xyz: Sequence[float],
                  origin_xyz: Sequence[float] = (0.0, 0.0, 0.0),
                  direction: Sequence[float] = IDENTITY_DIRECTION, *, compresslevel: int = 1) -> None:
-    """Write a ``(D, H, W)`` array atomically (``.tmp-`` sibling, then ``os.replace``).
+    """Write a ``(D, H, W)`` array atomically (``atomic_output``).
 
     ``.nii`` is written uncompressed (the cache format); ``.nii.gz`` with gzip
     ``compresslevel`` (1 = fastest). The dtype is kept; no scaling is stored.
@@ -139,18 +269,16 @@ def write_volume(path: str | Path, array_dhw: np.ndarray, spacing_xyz: Sequence[
     img.header.set_xyzt_units("mm", "sec")
     img.set_qform(img.affine, code=1)
     img.set_sform(img.affine, code=1)
-    tmp = tmp_path_for(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    previous = nib.openers.Opener.default_compresslevel
-    nib.openers.Opener.default_compresslevel = compresslevel
-    try:
-        nib.save(img, str(tmp))
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    finally:
-        nib.openers.Opener.default_compresslevel = previous
-    os.replace(tmp, path)
+    with atomic_output(path) as tmp:
+        _save_nifti(img, tmp, compresslevel)
+
+
+def _save_nifti(img: nib.Nifti1Image, path: Path, compresslevel: int) -> None:
+    # nibabel's Opener picks gzip from the ".gz" suffix; the level is passed per file, never through
+    # its process-global Opener.default_compresslevel
+    level = {"compresslevel": compresslevel} if path.name.endswith(".gz") else {}
+    with nib.openers.Opener(str(path), "wb", **level) as f:
+        img.to_stream(f)
 
 
 def scale_hu(array: np.ndarray, hu_window: Sequence[float] = (-1150, 350)) -> np.ndarray:

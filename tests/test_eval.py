@@ -14,7 +14,7 @@ import pytest
 import torch
 import yaml
 
-from models.zeroshot import ZeroShotItem, ZeroShotScorer, anatomy_window, crop_anatomy_window, pad_to_multiple
+from zeroshot import ZeroShotItem, ZeroShotScorer, anatomy_window, crop_anatomy_window, pad_to_multiple
 
 REPO = Path(__file__).resolve().parents[1]
 REFERENCE_CSV = REPO.parent / "shared" / "reference" / "fvlm_release_valid_probs.csv"
@@ -162,7 +162,7 @@ def test_scorer_rejects_unknown_anatomy():
 # ----------------------------------------------------------------------------- CSV format
 
 def test_default_items_give_the_release_header():
-    from utils.zeroshot import load_items
+    from zeroshot import load_items
 
     roi, items = load_items(REPO / "configs" / "zeroshot_items.yaml")
     assert roi == ROI
@@ -174,7 +174,7 @@ def test_default_items_give_the_release_header():
 
 def test_demo_items_are_the_spec_items_with_prompts_the_synthetic_reports_use():
     from data.synthetic import ABSENT_DESC, CONC, SIMULATED
-    from utils.zeroshot import load_items
+    from zeroshot import load_items
 
     roi, spec = load_items(REPO / "configs" / "zeroshot_items.yaml")
     demo_roi, demo = load_items(REPO / "configs" / "zeroshot_items_demo.yaml")
@@ -194,7 +194,7 @@ def test_demo_items_are_the_spec_items_with_prompts_the_synthetic_reports_use():
 
 
 def test_prediction_csv_sorted_with_empty_cells_for_absent_anatomy(tmp_path):
-    from utils.zeroshot import load_items, write_prediction_csv
+    from zeroshot import load_items, write_prediction_csv
 
     _, items = load_items(REPO / "configs" / "zeroshot_items.yaml")
     lung = {i.column: 0.25 for i in items if i.anatomy == "lung"}
@@ -217,7 +217,7 @@ ITEMS_ROI = [16, 24, 32]
 
 
 def _tiny_bert(folder: Path) -> Path:
-    from utils.zeroshot import load_items
+    from zeroshot import load_items
 
     _, items = load_items(REPO / "configs" / "zeroshot_items.yaml")
     words = sorted({w for i in items for t in (i.negative, i.positive) for w in t.lower().replace(".", " ").split()})
@@ -253,9 +253,9 @@ def _fake_case(seed: int, with_heart: bool = True) -> tuple[np.ndarray, np.ndarr
 @pytest.fixture(scope="module")
 def eval_setup(tmp_path_factory):
     """Tiny preset + random model checkpoint (utils.checkpoint) + fake processed cache of 3 volumes."""
-    from models.fvlm import build_fvlm
-    from models.text_encoder import build_text_encoder
+    from models.builder import build_model
     from utils.checkpoint import save_checkpoint
+    from utils.preset import load_preset
 
     tmp = tmp_path_factory.mktemp("eval")
     bert = _tiny_bert(tmp / "bert")
@@ -270,8 +270,8 @@ def eval_setup(tmp_path_factory):
     (tmp / "items.yaml").write_text(yaml.safe_dump(items))
 
     torch.manual_seed(0)
-    text_encoder, _ = build_text_encoder(bert, pretrained=False)
-    model = build_fvlm(cfg["model"], img_size=cfg["data"]["crop_size"], text_encoder=text_encoder, n_anatomies=4)
+    preset = load_preset(tmp / "preset.yaml")
+    model, _ = build_model(preset.model, img_size=preset.data.crop_size, n_anatomies=4, text_encoder_dir=bert)
     with torch.no_grad():
         model.query_tokens.normal_()  # zero queries would pool every window to the same mean
     save_checkpoint(tmp / "run" / "checkpoint_3.pth", model=model, epoch=3, config=cfg)
@@ -281,8 +281,8 @@ def eval_setup(tmp_path_factory):
 
 
 def _eval_args(tmp: Path, out: Path) -> list[str]:
-    return ["--config", str(tmp / "preset.yaml"), "--items", str(tmp / "items.yaml"), "--output", str(out),
-            "--no-progress"]
+    return ["--config", str(tmp / "preset.yaml"), "--items", str(tmp / "items.yaml"), "--csv_file", str(out),
+            "--no-pbar"]
 
 
 def test_eval_end_to_end_on_a_fake_cache(eval_setup, tmp_path):
@@ -307,12 +307,11 @@ def test_eval_end_to_end_on_a_fake_cache(eval_setup, tmp_path):
 
     # the same numbers from the scorer used directly on one volume (the code predict.py shares)
     from data.cache import scale_hu
-    from models.zeroshot import ZeroShotScorer, prompt_features
-    from utils.zeroshot import load_eval_model, load_items
+    from utils.preset import load_preset
+    from zeroshot import ZeroShotScorer, load_eval_model, load_items, prompt_features
 
-    cfg = yaml.safe_load((eval_setup / "preset.yaml").read_text())
-    model, tok = load_eval_model(cfg, eval_setup / "run" / "checkpoint_3.pth", n_anatomies=4,
-                                 text_encoder_dir=cfg["paths"]["text_encoder"], device=torch.device("cpu"))
+    model, tok = load_eval_model(load_preset(eval_setup / "preset.yaml"), eval_setup / "run" / "checkpoint_3.pth",
+                                 torch.device("cpu"))
     roi, items = load_items(eval_setup / "items.yaml")
     scorer = ZeroShotScorer(model, items, ["lung", "heart", "esophagus", "aorta"],
                             prompt_features(model, tok, items, 16, torch.device("cpu")), roi,
@@ -356,7 +355,7 @@ def test_default_output_name_comes_from_the_checkpoint(eval_setup, tmp_path, mon
     import eval as eval_cli
 
     monkeypatch.chdir(tmp_path)
-    args = ["--config", str(eval_setup / "preset.yaml"), "--items", str(eval_setup / "items.yaml"), "--no-progress"]
+    args = ["--config", str(eval_setup / "preset.yaml"), "--items", str(eval_setup / "items.yaml"), "--no-pbar"]
     assert eval_cli.main(args) == 0
     assert (tmp_path / "res" / "checkpoint_3.csv").is_file()
 
@@ -449,8 +448,8 @@ def test_predict_shares_eval_scoring(eval_setup, tmp_path, capsys):
     import predict as predict_cli
     from data.cache import scale_hu
     from data.common import load_pipeline_config
-    from models.zeroshot import ZeroShotScorer, prompt_features
-    from utils.zeroshot import load_eval_model, load_items
+    from utils.preset import load_preset
+    from zeroshot import ZeroShotScorer, load_eval_model, load_items, prompt_features
 
     hu, labels = _phantom_ct()
     lps = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
@@ -483,9 +482,8 @@ def test_predict_shares_eval_scoring(eval_setup, tmp_path, capsys):
                                                 sitk.ReadImage(str(tmp_path / "seg_ras.nii.gz")), pipe)
     np.testing.assert_array_equal(ras_hu, want_hu)
     np.testing.assert_array_equal(ras_mask, want_mask)
-    cfg = yaml.safe_load((eval_setup / "preset.yaml").read_text())
-    model, tok = load_eval_model(cfg, eval_setup / "run" / "checkpoint_3.pth", n_anatomies=4,
-                                 text_encoder_dir=cfg["paths"]["text_encoder"], device=torch.device("cpu"))
+    model, tok = load_eval_model(load_preset(eval_setup / "preset.yaml"), eval_setup / "run" / "checkpoint_3.pth",
+                                 torch.device("cpu"))
     roi, items = load_items(eval_setup / "items.yaml")
     scorer = ZeroShotScorer(model, items, pipe.anatomy_names, prompt_features(model, tok, items, 16, torch.device("cpu")),
                             roi, torch.device("cpu"), transform=lambda x: scale_hu(x, pipe.hu_window))

@@ -15,10 +15,9 @@ import yaml
 import pretrain_text
 import train
 from data.cache import write_volume
-from data.common import load_pipeline_config
 from data.dataset import CTRateTrainDataset
 from utils.checkpoint import load_checkpoint
-from utils.config import load_config, resolve_path
+from utils.preset import load_preset
 
 REPO = Path(__file__).resolve().parents[1]
 NAMES = ["lung", "heart", "esophagus", "aorta"]
@@ -192,16 +191,15 @@ def test_demo_preset_on_synthetic_pipeline(tmp_path):
     assert resize.main(common) == 0
     assert preprocess.main(common) == 0
     # The demo crop is tight around the phantoms' anatomies: none may be cut (unusable) by it.
-    demo = load_config(REPO / "configs" / "demo.yaml")
-    names = load_pipeline_config(resolve_path(demo["pipeline_config"])).anatomy_names
-    ds = CTRateTrainDataset(root, anatomy_names=names, crop_size=demo["data"]["crop_size"], flip_prob=0.0,
+    demo = load_preset(REPO / "configs" / "demo.yaml")
+    ds = CTRateTrainDataset(root, anatomy_names=demo.pipeline.anatomy_names, crop_size=demo.data.crop_size, flip_prob=0.0,
                             split="train", seed=0)
     for epoch in range(5):
         ds.set_epoch(epoch)
         assert all(bool(ds[i]["usable"].all()) for i in range(len(ds)))
     text = tmp_path / "text_encoder"
     assert pretrain_text.main(["--config", str(REPO / "configs" / "demo.yaml"), "--data-root", str(root),
-                               "--output", str(text), "--no-progress", "text_pretrain.epochs=1",
+                               "--text-encoder", str(text), "--no-pbar", "text_pretrain.epochs=1",
                                "text_pretrain.batch_size=4"]) == 0
     out = tmp_path / "out"
     rc = train.main(["--config", str(REPO / "configs" / "demo.yaml"), "--data-root", str(root),

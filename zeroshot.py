@@ -1,4 +1,12 @@
-"""Zero-shot scoring of one volume (spec §7), shared by eval.py and predict.py.
+"""Zero-shot scoring (spec §7), shared by eval.py and predict.py: items, model, windows, CSV.
+
+- ``load_items(path)``: ``configs/zeroshot_items.yaml`` (``roi_dhw`` + ``items`` of
+  ``[anatomy, abnormality, negative prompt, positive prompt]``), the single source of the
+  test items, their prompts and the window size.
+- ``load_eval_model(preset, checkpoint, device)``: ``models.builder.build_model`` with the
+  weights of one of our checkpoints or of the released fVLM layout (spec §6); eval mode.
+- ``ZeroShotScorer``: probabilities of one volume, by the window protocol below.
+- ``write_prediction_csv`` / ``write_failures_csv``: atomic writes in the release's format.
 
 Array layout: a processed volume is ``(D, H, W) = (z, y, x)``; ``image`` is HU-windowed and
 scaled to [0, 1] (0 = -1150 HU or below) -- or raw HU with a ``transform`` that scales each
@@ -26,16 +34,32 @@ release does), [CLS] of the last layer -> text_proj -> L2-normalise.
 """
 from __future__ import annotations
 
+import csv
 import logging
+import os
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models.builder import build_model
+from models.fvlm import FVLM
+from models.text_encoder import TextEncoderError
+from utils.checkpoint import CheckpointError
+from utils.config import read_yaml, resolve_path
+from utils.preset import Preset
+
 logger = logging.getLogger(__name__)
+
+FILE_COLUMN = "file_name"
+
+
+class ZeroShotSetupError(RuntimeError):
+    """Items config, checkpoint or model setup is unusable (message names what to fix)."""
 
 
 @dataclass(frozen=True)
@@ -51,6 +75,48 @@ class ZeroShotItem:
     def column(self) -> str:
         """Column name of the release's CSV: ``{anatomy}_{abnormality}_{negative}_{positive}``."""
         return f"{self.anatomy}_{self.abnormality}_{self.negative}_{self.positive}"
+
+
+def load_items(path: str | Path) -> tuple[tuple[int, int, int], list[ZeroShotItem]]:
+    """(roi_dhw, items) from a zero-shot items YAML."""
+    cfg = read_yaml(path, flag="--items")
+    path = resolve_path(path)
+    roi = cfg.get("roi_dhw")
+    if not (isinstance(roi, list) and len(roi) == 3 and all(isinstance(r, int) and r > 0 for r in roi)):
+        raise ZeroShotSetupError(f"{path}: roi_dhw must be 3 positive integers, got {roi!r}")
+    raw = cfg.get("items")
+    if not isinstance(raw, list) or not raw:
+        raise ZeroShotSetupError(f"{path}: items must be a non-empty list")
+    items = []
+    for i, entry in enumerate(raw):
+        if not (isinstance(entry, list) and len(entry) == 4 and all(isinstance(x, str) and x for x in entry)):
+            raise ZeroShotSetupError(f"{path}: item {i} must be [anatomy, abnormality, negative, positive], got {entry!r}")
+        if "_" in entry[0] or "_" in entry[1]:
+            raise ZeroShotSetupError(f"{path}: item {i}: anatomy and abnormality must not contain '_' "
+                                     "(the CSV column name is split on it)")
+        items.append(ZeroShotItem(*entry))
+    columns = [item.column for item in items]
+    if len(set(columns)) != len(columns):
+        raise ZeroShotSetupError(f"{path}: duplicate items")
+    return (roi[0], roi[1], roi[2]), items
+
+
+def load_eval_model(preset: Preset, checkpoint: str | Path, device: torch.device) -> tuple[FVLM, Any]:
+    """(model in eval mode on ``device``, tokenizer): ``models.builder.build_model`` of ``preset``
+    with the weights of ``checkpoint`` (ours or the release layout, loaded with ``weights_only``
+    and strictly), the text encoder's config and vocabulary from ``preset.paths.text_encoder``."""
+    checkpoint = Path(checkpoint)
+    if not checkpoint.is_file():
+        raise ZeroShotSetupError(f"checkpoint not found: {checkpoint} (set --checkpoint)")
+    try:
+        model, tokenizer = build_model(preset.model, img_size=preset.data.crop_size,
+                                       n_anatomies=preset.pipeline.n_anatomies,
+                                       text_encoder_dir=resolve_path(preset.paths.text_encoder), checkpoint=checkpoint)
+    except TextEncoderError as e:
+        raise ZeroShotSetupError(f"{e} (set --text-encoder)") from e
+    except CheckpointError as e:
+        raise ZeroShotSetupError(f"{e} (set --checkpoint, or the --config it was trained with)") from e
+    return model.eval().to(device), tokenizer
 
 
 def anatomy_window(
@@ -183,3 +249,27 @@ class ZeroShotScorer:
             pos = F.softmax(logits.float(), dim=-1)[:, 1].cpu().tolist()
             probs.update({self.items[k].column: p for k, p in zip(rows, pos)})
         return probs
+
+
+def _atomic_csv(path: Path, header: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".tmp-{path.name}")
+    with open(tmp, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(header)
+        writer.writerows(rows)
+    os.replace(tmp, path)
+
+
+def write_prediction_csv(path: str | Path, rows: Mapping[str, Mapping[str, float]],
+                         items: Sequence[ZeroShotItem]) -> None:
+    """``file_name`` + one column per item, rows sorted by file name; empty cell = anatomy absent."""
+    columns = [item.column for item in items]
+    _atomic_csv(Path(path), [FILE_COLUMN, *columns],
+                ([name, *(repr(rows[name][c]) if c in rows[name] else "" for c in columns)]
+                 for name in sorted(rows)))
+
+
+def write_failures_csv(path: str | Path, failures: Iterable[tuple[str, str]]) -> None:
+    """``volume,reason`` (header only when nothing failed), as the data pipeline writes them."""
+    _atomic_csv(Path(path), ["volume", "reason"], sorted(failures))

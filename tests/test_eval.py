@@ -17,8 +17,8 @@ import yaml
 from zeroshot import ZeroShotItem, ZeroShotScorer, anatomy_window, crop_anatomy_window, pad_to_multiple
 
 REPO = Path(__file__).resolve().parents[1]
-REFERENCE_CSV = REPO.parent / "shared" / "reference" / "fvlm_release_valid_probs.csv"
-# header of the release's prediction CSV (../shared/reference/fvlm_release_valid_probs.csv)
+REFERENCE_CSV = REPO / "tests" / "data" / "fvlm_release_valid_probs.csv"
+# header of the release's prediction CSV (REFERENCE_CSV)
 RELEASE_HEADER = (
     "file_name,lung_Emphysema_Not Emphysema._Emphysema.,lung_Atelectasis_Not Atelectatic._Atelectatic.,"
     "lung_Lung nodule_Not Nodule._Nodule.,lung_Lung opacity_Not Opacity._Opacity.,"
@@ -167,9 +167,8 @@ def test_default_items_give_the_release_header():
     roi, items = load_items(REPO / "configs" / "zeroshot_items.yaml")
     assert roi == ROI
     assert ",".join(["file_name"] + [i.column for i in items]) == RELEASE_HEADER
-    if REFERENCE_CSV.is_file():
-        with open(REFERENCE_CSV) as f:
-            assert next(csv.reader(f)) == RELEASE_HEADER.split(",")
+    with open(REFERENCE_CSV) as f:
+        assert next(csv.reader(f)) == RELEASE_HEADER.split(",")
 
 
 def test_demo_items_are_the_spec_items_with_prompts_the_synthetic_reports_use():

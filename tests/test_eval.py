@@ -14,6 +14,7 @@ import pytest
 import torch
 import yaml
 
+from tests.conftest import make_tiny_bert, write_cache_case
 from zeroshot import ZeroShotItem, ZeroShotScorer, anatomy_window, crop_anatomy_window, pad_to_multiple
 
 REPO = Path(__file__).resolve().parents[1]
@@ -220,21 +221,7 @@ def _tiny_bert(folder: Path) -> Path:
 
     _, items = load_items(REPO / "configs" / "zeroshot_items.yaml")
     words = sorted({w for i in items for t in (i.negative, i.positive) for w in t.lower().replace(".", " ").split()})
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ".", *words]) + "\n")
-    (folder / "config.json").write_text(json.dumps(dict(
-        model_type="bert", vocab_size=6 + len(words), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-        intermediate_size=32, max_position_embeddings=64, type_vocab_size=2)))
-    return folder
-
-
-def _write_case(root: Path, name: str, hu: np.ndarray, mask: np.ndarray) -> None:
-    from data.cache import write_volume
-
-    stem = name[: -len(".nii.gz")]
-    rel = Path(stem.rsplit("_", 2)[0], stem.rsplit("_", 1)[0], stem + ".nii")
-    write_volume(root / "processed_valid_images" / rel, hu, (4.0, 4.0, 8.0))
-    write_volume(root / "processed_valid_masks" / rel, mask, (4.0, 4.0, 8.0))
+    return make_tiny_bert(folder, [".", *words], hidden=16, layers=1)
 
 
 def _fake_case(seed: int, with_heart: bool = True) -> tuple[np.ndarray, np.ndarray]:
@@ -275,7 +262,7 @@ def eval_setup(tmp_path_factory):
         model.query_tokens.normal_()  # zero queries would pool every window to the same mean
     save_checkpoint(tmp / "run" / "checkpoint_3.pth", model=model, epoch=3, config=cfg)
     for i, heart in ((1, True), (2, False), (10, True)):
-        _write_case(tmp / "data", f"valid_{i}_a_1.nii.gz", *_fake_case(i, heart))
+        write_cache_case(tmp / "data", "valid", f"valid_{i}_a_1.nii.gz", *_fake_case(i, heart))
     return tmp
 
 

@@ -14,8 +14,8 @@ import yaml
 
 import pretrain_text
 import train
-from data.cache import write_volume
 from data.dataset import CTRateTrainDataset
+from tests.conftest import make_tiny_bert, write_cache_case
 from utils.checkpoint import load_checkpoint
 from utils.preset import load_preset
 
@@ -43,24 +43,16 @@ def make_cache(root: Path, n_scans: int, seed: int = 0) -> Path:
             for k, (box, ab) in enumerate(zip(BOXES, abnormal)):
                 mask[box] = k + 1
                 image[box] += 100 + 600 * int(ab)
-            stem = f"{scan}_{r + 1}"
-            for kind, arr in (("images", image), ("masks", mask)):
-                write_volume(root / f"processed_train_{kind}" / f"train_{i}" / scan / f"{stem}.nii", arr,
-                             (4.0, 4.0, 8.0))
+            write_cache_case(root, "train", f"{scan}_{r + 1}.nii.gz", image, mask)
     (root / "conc_info.json").write_text(json.dumps(conc))
     (root / "desc_info.json").write_text(json.dumps(desc))
     return root
 
 
 def make_bert(path: Path) -> Path:
-    from transformers import BertConfig
-    path.mkdir(parents=True, exist_ok=True)
     words = {w.strip(".").lower() for t in FINDINGS for w in t.split()}
     words |= {"the", "is", "seen", "shows", "no", "significant", "abnormalities", *NAMES}
-    (path / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ".", *sorted(words)]))
-    BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-               max_position_embeddings=64).to_json_file(path / "config.json")
-    return path
+    return make_tiny_bert(path, [".", *sorted(words)], vocab_size=64)
 
 
 def make_config(tmp: Path, model: dict | None = None, **optim) -> Path:

@@ -169,7 +169,6 @@ def test_torchrun_two_processes(setup):
     assert len(steps) == 3  # 6 scans / (1 per rank x 2 ranks), logged by rank 0 only
 
 
-@pytest.mark.slow
 def test_demo_preset_on_synthetic_pipeline(tmp_path):
     """Synthetic CT-RATE -> the four pipeline steps (demo config) -> text pre-training -> one epoch of
     configs/demo.yaml."""

@@ -122,45 +122,31 @@ class AnatomyContrastiveLoss(nn.Module):
         """See the class docstring. Runs in float32 with autocast disabled (logits / temp
         and log-softmax in bf16 would lose the precision the soft targets need)."""
         with torch.autocast(device_type=image_feats.device.type, enabled=False):
-            return self._forward(image_feats, text_feats, anatomy_idx, abnormal, text_hash, temp, n_anatomies)
+            image_feats, text_feats, temp = image_feats.float(), text_feats.float(), temp.float()
+            dim = image_feats.shape[1]
+            feats = torch.cat([image_feats, text_feats], dim=1)  # [P, 2E]
+            meta = torch.stack([anatomy_idx.long(), abnormal.long(), text_hash.long()], dim=1)  # [P, 3]
+            g_feats, g_meta, local = gather_rows(feats, meta, self.rank, self.world_size)  # [N, 2E], [N, 3], [N]
+            g_anat, g_abn, g_hash = g_meta[:, 0], g_meta[:, 1].bool(), g_meta[:, 2]
 
-    def _forward(
-        self,
-        image_feats: torch.Tensor,
-        text_feats: torch.Tensor,
-        anatomy_idx: torch.Tensor,
-        abnormal: torch.Tensor,
-        text_hash: torch.Tensor,
-        temp: torch.Tensor,
-        n_anatomies: int,
-    ) -> dict[str, torch.Tensor]:
-        if image_feats.dtype in (torch.float16, torch.bfloat16):
-            image_feats, text_feats = image_feats.float(), text_feats.float()
-        temp = temp.float()
-        dim = image_feats.shape[1]
-        feats = torch.cat([image_feats, text_feats], dim=1)  # [P, 2E]
-        meta = torch.stack([anatomy_idx.long(), abnormal.long(), text_hash.long()], dim=1)  # [P, 3]
-        g_feats, g_meta, local = gather_rows(feats, meta, self.rank, self.world_size)  # [N, 2E], [N, 3], [N]
-        g_anat, g_abn, g_hash = g_meta[:, 0], g_meta[:, 1].bool(), g_meta[:, 2]
-
-        # zero that keeps backward (and DDP's all-reduce) alive when everything is skipped
-        total = 0.0 * (image_feats.sum() + text_feats.sum()) + 0.0 * temp
-        out: dict[str, torch.Tensor] = {}
-        for o in range(int(n_anatomies)):
-            sel = g_anat == o
-            if not bool((sel & g_abn).any()) or not bool((sel & local).any()):
-                continue
-            v, t = g_feats[sel, :dim], g_feats[sel, dim:]  # [N_o, E]
-            abn, h = g_abn[sel], g_hash[sel]
-            normal = ~abn
-            n_o = v.shape[0]
-            positive = (torch.eye(n_o, dtype=torch.bool, device=v.device)
-                        | (normal[:, None] & normal[None, :]) | (h[:, None] == h[None, :]))
-            if bool(positive.all()):
-                continue  # all targets equal: nothing to contrast
-            logits = v @ t.T / temp  # [N_o, N_o] image -> text
-            loss_o = soft_clip_loss(logits, soft_targets(positive, v.dtype))
-            out[f"loss_{self._name(o)}"] = loss_o.detach()
-            total = total + loss_o
-        out["loss"] = total
-        return out
+            # zero that keeps backward (and DDP's all-reduce) alive when everything is skipped
+            total = 0.0 * (image_feats.sum() + text_feats.sum()) + 0.0 * temp
+            out: dict[str, torch.Tensor] = {}
+            for o in range(int(n_anatomies)):
+                sel = g_anat == o
+                if not bool((sel & g_abn).any()) or not bool((sel & local).any()):
+                    continue
+                v, t = g_feats[sel, :dim], g_feats[sel, dim:]  # [N_o, E]
+                abn, h = g_abn[sel], g_hash[sel]
+                normal = ~abn
+                n_o = v.shape[0]
+                positive = (torch.eye(n_o, dtype=torch.bool, device=v.device)
+                            | (normal[:, None] & normal[None, :]) | (h[:, None] == h[None, :]))
+                if bool(positive.all()):
+                    continue  # all targets equal: nothing to contrast
+                logits = v @ t.T / temp  # [N_o, N_o] image -> text
+                loss_o = soft_clip_loss(logits, soft_targets(positive, v.dtype))
+                out[f"loss_{self._name(o)}"] = loss_o.detach()
+                total = total + loss_o
+            out["loss"] = total
+            return out

@@ -26,7 +26,7 @@ $(STAMP): requirements.txt
 
 # The whole method on the embedded synthetic CT-RATE: data -> text encoder -> pre-training -> zero-shot -> metrics.
 demo: $(STAMP)
-	$(PY) -m data.synthetic --out $(DEMO_DATA) --n-train $(DEMO_TRAIN) --n-valid $(DEMO_VALID) --seed $(DEMO_SEED) --workers $(NPROC)
+	$(PY) -m data.synthetic --data-root $(DEMO_DATA) --n-train $(DEMO_TRAIN) --n-valid $(DEMO_VALID) --seed $(DEMO_SEED) --workers $(NPROC)
 	for split in train valid; do \
 	  $(PY) -m data.fix_data $(DATA_ARGS) --split $$split && \
 	  $(PY) -m data.generate_mask $(DATA_ARGS) --split $$split --masks-from $(DEMO_DATA)/totalseg_gt && \

@@ -59,7 +59,7 @@ def test_layout_and_columns(dataset):
 
 def test_deterministic_and_workers_independent(dataset, tmp_path):
     root, _ = dataset
-    assert syn.main(["--out", str(tmp_path), "--n-train", str(N_TRAIN), "--n-valid", str(N_VALID),
+    assert syn.main(["--data-root", str(tmp_path), "--n-train", str(N_TRAIN), "--n-valid", str(N_VALID),
                      "--seed", "3", "--workers", "2"]) == 0
     assert _files(root) == _files(tmp_path)
 

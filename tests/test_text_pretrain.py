@@ -11,7 +11,8 @@ import train
 from pretrain_text import pretrain_text_encoder, split_sentences
 from data.synthetic import ABSENT_DESC, CONC
 from models.text_encoder import build_text_encoder, load_text_encoder
-from tests.test_train import REPO, make_bert, make_cache, make_config
+from tests.conftest import REPO_ROOT as REPO
+from tests.conftest import make_tiny_preset, make_train_bert, make_train_cache
 from utils.checkpoint import load_checkpoint
 from utils.config import ConfigError
 
@@ -72,9 +73,9 @@ def test_pretraining_needs_one_batch_of_texts():
 def pretrained_setup(tmp_path):
     """Fake processed cache, tiny BERT config + vocabulary, and a preset whose text_pretrain
     section starts from them and writes tmp/text_encoder."""
-    make_cache(tmp_path / "data", 8)
-    make_bert(tmp_path / "bert")
-    cfg_path = make_config(tmp_path, model={"text_pretrained": True, "freeze_text_encoder": True})
+    make_train_cache(tmp_path / "data", 8)
+    make_train_bert(tmp_path / "bert")
+    cfg_path = make_tiny_preset(tmp_path, model={"text_pretrained": True, "freeze_text_encoder": True})
     cfg = yaml.safe_load(cfg_path.read_text())
     cfg["paths"]["text_encoder"] = str(tmp_path / "text_encoder")
     cfg["text_pretrain"] = {"init": str(tmp_path / "bert"), "epochs": 2, "lr": 1e-3, "batch_size": 4,

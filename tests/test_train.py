@@ -15,66 +15,18 @@ import yaml
 import pretrain_text
 import train
 from data.dataset import CTRateTrainDataset
-from tests.conftest import make_tiny_bert, write_cache_case
+from tests.conftest import TRAIN_ANATOMIES, make_tiny_preset, make_train_bert, make_train_cache
 from utils.checkpoint import load_checkpoint
 from utils.preset import load_preset
 
 REPO = Path(__file__).resolve().parents[1]
-NAMES = ["lung", "heart", "esophagus", "aorta"]
-FINDINGS = ["Emphysema.", "Cardiomegaly.", "Hiatal hernia.", "Arterial wall calcification."]
-SHAPE = (10, 20, 20)
-# boxes inside every (8, 16, 16) crop of a (10, 20, 20) volume -> always usable
-BOXES = [(slice(3, 7), slice(5, 10), slice(5, 10)), (slice(3, 7), slice(11, 15), slice(5, 10)),
-         (slice(3, 7), slice(5, 10), slice(11, 15)), (slice(3, 7), slice(11, 15), slice(11, 15))]
-
-
-def make_cache(root: Path, n_scans: int, seed: int = 0) -> Path:
-    """Processed cache + desc/conc_info.json; abnormal anatomies are brighter."""
-    rng = np.random.default_rng(seed)
-    conc, desc = {}, {}
-    for i in range(n_scans):
-        scan = f"train_{i}_a"
-        abnormal = rng.random(4) < 0.5
-        conc[scan] = {a: f for a, f, ab in zip(NAMES, FINDINGS, abnormal) if ab}
-        desc[scan] = {a: f"The {a} is seen" for a in NAMES}
-        for r in range(1 + i % 2):
-            image = rng.integers(-1100, -900, SHAPE).astype(np.int16)
-            mask = np.zeros(SHAPE, np.uint8)
-            for k, (box, ab) in enumerate(zip(BOXES, abnormal)):
-                mask[box] = k + 1
-                image[box] += 100 + 600 * int(ab)
-            write_cache_case(root, "train", f"{scan}_{r + 1}.nii.gz", image, mask)
-    (root / "conc_info.json").write_text(json.dumps(conc))
-    (root / "desc_info.json").write_text(json.dumps(desc))
-    return root
-
-
-def make_bert(path: Path) -> Path:
-    words = {w.strip(".").lower() for t in FINDINGS for w in t.split()}
-    words |= {"the", "is", "seen", "shows", "no", "significant", "abnormalities", *NAMES}
-    return make_tiny_bert(path, [".", *sorted(words)], vocab_size=64)
-
-
-def make_config(tmp: Path, model: dict | None = None, **optim) -> Path:
-    cfg = yaml.safe_load((REPO / "configs" / "demo.yaml").read_text())
-    cfg["pipeline_config"] = str(REPO / "configs" / "pipeline_demo.yaml")
-    cfg["paths"].update(data_root=str(tmp / "data"), text_encoder=str(tmp / "bert"), mae_weights=None,
-                        output_dir=str(tmp / "out"))
-    cfg["data"].update(crop_size=[8, 16, 16], workers=0)
-    cfg["model"].update(patch_size=[4, 8, 8], embed_dim=32, depth=3, num_heads=2, out_indices=[0, 1, 2],
-                        text_max_length=32, text_pretrained=False, freeze_text_encoder=False)
-    cfg["model"].update(model or {})
-    cfg["optim"].update({"lr": 1e-3, "warmup_steps": 2, "epochs": 2, "batch_size": 2, **optim})
-    path = tmp / "tiny.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
 
 
 @pytest.fixture()
 def setup(tmp_path):
-    make_cache(tmp_path / "data", 6)
-    make_bert(tmp_path / "bert")
-    return tmp_path, make_config(tmp_path)
+    make_train_cache(tmp_path / "data", 6)
+    make_train_bert(tmp_path / "bert")
+    return tmp_path, make_tiny_preset(tmp_path)
 
 
 def _run(cfg: Path, *extra: str) -> dict:
@@ -144,15 +96,15 @@ def test_non_finite_loss_stops_and_keeps_checkpoint(setup, monkeypatch):
 @pytest.mark.slow
 def test_short_run_lowers_loss(tmp_path):
     """~100 steps (~2-4 min on 2 busy cores): the contrastive loss leaves its initial plateau (ln N)."""
-    make_cache(tmp_path / "data", 16, seed=1)
-    make_bert(tmp_path / "bert")
-    cfg = make_config(tmp_path, model={"patch_size": [2, 4, 4], "drop_rate": 0.0, "attn_drop_rate": 0.0},
+    make_train_cache(tmp_path / "data", 16, seed=1)
+    make_train_bert(tmp_path / "bert")
+    cfg = make_tiny_preset(tmp_path, model={"patch_size": [2, 4, 4], "drop_rate": 0.0, "attn_drop_rate": 0.0},
                       epochs=50, batch_size=8, warmup_steps=3, lr=1e-3)
     _run(cfg)
     epochs = [json.loads(line) for line in (tmp_path / "out" / "log.txt").read_text().splitlines()]
     assert len(epochs) == 50
     # the total sums the anatomies not skipped (varies per step): compare per-anatomy means
-    per_anatomy = [np.mean([e[f"loss_{a}"] for a in NAMES if f"loss_{a}" in e]) for e in epochs]
+    per_anatomy = [np.mean([e[f"loss_{a}"] for a in TRAIN_ANATOMIES if f"loss_{a}" in e]) for e in epochs]
     assert np.mean(per_anatomy[-5:]) < 0.9 * np.mean(per_anatomy[:5]), per_anatomy
 
 

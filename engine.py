@@ -62,7 +62,8 @@ def train_one_epoch(
     """One epoch; returns the epoch means of the logged values.
 
     ``step_module`` is the (possibly DDP-wrapped) ``TrainStep``; ``model`` the unwrapped FVLM
-    (temperature clamp); ``world_size`` the number of processes (for the samples/s figure). The LR is set per optimiser step from ``utils.lr_sched.lr_at``.
+    (temperature clamp); ``world_size`` the number of processes (for the samples/s figure). The LR
+    is set per optimiser step from ``utils.lr_sched.lr_at``.
     Raises ``FloatingPointError`` on a non-finite loss, before any update from that step.
     """
     optim_cfg, model_cfg = cfg.optim, cfg.model

@@ -19,10 +19,10 @@ sentence is embedded near the texts that contain it.
 
 Objective (no labels): each anatomy text is paired with one of its own sentences, drawn anew
 each epoch; text and sentence embeddings ([CLS] -> a linear head that is thrown away ->
-L2-normalise) are matched by a symmetric in-batch InfoNCE (``models.loss.soft_clip_loss``). A sentence that occurs in several
-texts of the batch ("No hiatal hernia was detected.") is a positive for all of them: the
-targets of a row are its equal sentences, normalised (the false-negative rule of spec §5
-applied to text).
+L2-normalise) are matched by a symmetric in-batch InfoNCE (``models.loss.soft_clip_loss``).
+A sentence that occurs in several texts of the batch ("No hiatal hernia was detected.") is a
+positive for all of them: the targets of a row are its equal sentences, normalised (the
+false-negative rule of spec §5 applied to text).
 """
 from __future__ import annotations
 

@@ -153,8 +153,8 @@ def train(args: argparse.Namespace) -> dict[str, float]:
         sampler.set_epoch(epoch)
         dataset.set_epoch(epoch)
         seed_everything(int(np.random.SeedSequence([cfg.seed, rank, epoch]).generate_state(1)[0]))
-        stats = train_one_epoch(step_module, model, loader, optimizer, epoch=epoch, cfg=cfg, world_size=world_size, device=device,
-                                log_path=out_dir / "log_steps.jsonl", last_checkpoint=last)
+        stats = train_one_epoch(step_module, model, loader, optimizer, epoch=epoch, cfg=cfg, world_size=world_size,
+                                device=device, log_path=out_dir / "log_steps.jsonl", last_checkpoint=last)
         if is_main_process():
             last = str(out_dir / f"checkpoint_{epoch}.pth")
             save_checkpoint(last, model=model, optimizer=optimizer, epoch=epoch,

@@ -52,7 +52,8 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         if self.freeze_text_encoder and not self.text_pretrained:
-            raise ValueError("model.freeze_text_encoder needs model.text_pretrained: a frozen random BERT learns nothing")
+            raise ValueError("model.freeze_text_encoder needs model.text_pretrained: "
+                             "a frozen random BERT learns nothing")
         if not 0 < self.temp_min <= self.temp_init <= self.temp_max:
             raise ValueError("model: need 0 < temp_min <= temp_init <= temp_max")
 

@@ -26,20 +26,20 @@ $(STAMP): requirements.txt
 
 # The whole method on the embedded synthetic CT-RATE: data -> text encoder -> pre-training -> zero-shot -> metrics.
 demo: $(STAMP)
-	$(PY) -m data.synthetic --out $(DEMO_DATA) --n-train $(DEMO_TRAIN) --n-valid $(DEMO_VALID) --seed $(DEMO_SEED) --workers $(NPROC)
+	$(PY) -m data.synthetic --data-root $(DEMO_DATA) --n-train $(DEMO_TRAIN) --n-valid $(DEMO_VALID) --seed $(DEMO_SEED) --workers $(NPROC)
 	for split in train valid; do \
 	  $(PY) -m data.fix_data $(DATA_ARGS) --split $$split && \
 	  $(PY) -m data.generate_mask $(DATA_ARGS) --split $$split --masks-from $(DEMO_DATA)/totalseg_gt && \
 	  $(PY) -m data.resize $(DATA_ARGS) --split $$split && \
 	  $(PY) -m data.preprocess $(DATA_ARGS) --split $$split || exit 1; \
 	done
-	$(PY) pretrain_text.py --config configs/demo.yaml --data-root $(DEMO_DATA) --output $(DEMO_TEXT)
+	$(PY) pretrain_text.py --config configs/demo.yaml --data-root $(DEMO_DATA) --text-encoder $(DEMO_TEXT)
 	OMP_NUM_THREADS=1 $(VENV)/bin/torchrun --standalone --nproc_per_node=$(NPROC) train.py \
 	  --config configs/demo.yaml --data-root $(DEMO_DATA) --text-encoder $(DEMO_TEXT) --output-dir $(DEMO_OUT) \
 	  --resume $(DEMO_TRAIN_ARGS)
 	OMP_NUM_THREADS=1 $(VENV)/bin/torchrun --standalone --nproc_per_node=$(NPROC) eval.py \
 	  --config configs/demo.yaml --data-root $(DEMO_DATA) --text-encoder $(DEMO_TEXT) --output-dir $(DEMO_OUT) \
-	  --output $(DEMO_OUT)/zeroshot_valid.csv
+	  --csv_file $(DEMO_OUT)/zeroshot_valid.csv
 	$(PY) calc_metrics.py --csv_file $(DEMO_OUT)/zeroshot_valid.csv --data-root $(DEMO_DATA)
 
 test: $(STAMP)

@@ -26,18 +26,17 @@ from utils.config import ConfigError
 from utils.embeddings import (
     EmbeddingsFileError,
     compute_image_embeddings,
-    model_args_parser,
     partial_path,
     setup_features,
     volume_name,
 )
-from utils.zeroshot import ZeroShotSetupError
+from zeroshot import ZeroShotSetupError, checkpoint_args_parser
 
 logger = logging.getLogger("embed")
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser("fVLM embeddings", parents=[model_args_parser()], add_help=False)
+    p = argparse.ArgumentParser("fVLM embeddings", parents=[checkpoint_args_parser()], add_help=False)
     p.add_argument("--output", type=Path, help="embeddings file (default: res/embed_<checkpoint>_<split>.npz)")
     p.add_argument("--volumes", type=Path, help="text file of VolumeNames to embed (default: the whole split)")
     p.add_argument("--save-every", type=int, default=50, help="volumes between resumable saves (default 50)")
@@ -62,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
         output.unlink(missing_ok=True)
         partial_path(output).unlink(missing_ok=True)
     emb, failures = compute_image_embeddings(s.extractor, volumes, output, source=s.source,
-                                             save_every=args.save_every, progress=args.progress)
+                                             save_every=args.save_every, progress=args.pbar)
     failures_csv = output.with_name(output.stem + "_failures.csv")
     write_case_csv(failures_csv, failures)
     logger.info("wrote %s: %d volumes x %d anatomies, projected %d, pooled %d; %d failed (%s)", output,

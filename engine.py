@@ -15,6 +15,7 @@ from tqdm import tqdm
 
 from utils.distributed import all_reduce_mean, is_main_process
 from utils.lr_sched import apply_lr, lr_at
+from utils.preset import Preset
 
 logger = logging.getLogger(__name__)
 
@@ -52,7 +53,8 @@ def train_one_epoch(
     optimizer: torch.optim.Optimizer,
     *,
     epoch: int,
-    cfg: dict[str, Any],
+    cfg: Preset,
+    world_size: int,
     device: torch.device,
     log_path: Path | None = None,
     last_checkpoint: str | None = None,
@@ -60,13 +62,14 @@ def train_one_epoch(
     """One epoch; returns the epoch means of the logged values.
 
     ``step_module`` is the (possibly DDP-wrapped) ``TrainStep``; ``model`` the unwrapped FVLM
-    (temperature clamp). The LR is set per optimiser step from ``utils.lr_sched.lr_at``.
+    (temperature clamp); ``world_size`` the number of processes (for the samples/s figure). The LR
+    is set per optimiser step from ``utils.lr_sched.lr_at``.
     Raises ``FloatingPointError`` on a non-finite loss, before any update from that step.
     """
-    optim_cfg, model_cfg = cfg["optim"], cfg["model"]
-    accum = int(optim_cfg["accum_steps"])
+    optim_cfg, model_cfg = cfg.optim, cfg.model
+    accum = optim_cfg.accum_steps
     steps_per_epoch = len(loader) // accum
-    amp = torch.autocast(device_type=device.type, dtype=torch.bfloat16) if optim_cfg["amp"] == "bf16" \
+    amp = torch.autocast(device_type=device.type, dtype=torch.bfloat16) if optim_cfg.amp == "bf16" \
         else contextlib.nullcontext()
     is_ddp = isinstance(step_module, nn.parallel.DistributedDataParallel)
     step_module.train()
@@ -84,7 +87,7 @@ def train_one_epoch(
             if it % accum == 0:
                 lr = lr_at(epoch, step, optim_cfg)
                 apply_lr(optimizer, lr)
-                model.clamp_temp(model_cfg["temp_min"], model_cfg["temp_max"])
+                model.clamp_temp(model_cfg.temp_min, model_cfg.temp_max)
                 step_stats = {}
             sync = (it + 1) % accum == 0
             ctx = step_module.no_sync() if (is_ddp and not sync) else contextlib.nullcontext()
@@ -108,7 +111,7 @@ def train_one_epoch(
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             t1 = time.perf_counter()
-            n_samples = len(batch["scan_id"]) * accum * int(cfg.get("_world_size", 1))
+            n_samples = len(batch["scan_id"]) * accum * world_size
             step_stats.update(lr=lr, temp=model.temp.item(), samples_per_s=n_samples / (t1 - t0))
             t0 = t1
             for k, v in step_stats.items():

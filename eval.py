@@ -2,7 +2,7 @@
 
     torchrun --nproc_per_node=4 eval.py [--config configs/ctrate.yaml] [--checkpoint CKPT]
     python eval.py --checkpoint output/fvlm_ctrate/checkpoint_19.pth --data-root data
-    python calc_metrics.py --csv_file res/checkpoint_19.csv
+    python calc_metrics.py --csv_file res/checkpoint_19.csv     # eval.py's default --csv_file
 
 Writes ONE CSV (rank 0, atomically) in the release's format: ``file_name`` (the VolumeName,
 e.g. ``valid_1_a_1.nii.gz``) + one column ``{anatomy}_{abnormality}_{negative}_{positive}``
@@ -27,60 +27,25 @@ import logging
 import sys
 from pathlib import Path
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
-from data.io import InUseError, VolumeReadError, image_to_mask_path, list_volumes, open_volume, scale_hu, write_case_csv
-from data.common import PipelineError, load_pipeline_config
-from models.zeroshot import ZeroShotScorer, prompt_features
-from utils.checkpoint import latest_checkpoint
-from utils.config import ConfigError, apply_overrides, load_config, resolve_path
+from data.common import PipelineError
+from data.io import InUseError, VolumeReadError, scale_hu, write_case_csv
+from utils.config import ConfigError
 from utils.distributed import (destroy, gather_to_main, init_distributed, is_main_process, main_process_lock,
                                setup_logging)
-from utils.zeroshot import (
-    ZeroShotSetupError,
-    load_eval_model,
-    load_items,
-    write_prediction_csv,
-)
+from zeroshot import (ZeroShotScorer, ZeroShotSetupError, checkpoint_args_parser, load_eval_model, prompt_features,
+                      read_case, resolve_eval_inputs, volume_name, write_prediction_csv)
 
 logger = logging.getLogger("eval")
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser("fVLM zero-shot evaluation", add_help=False)
-    p.add_argument("--config", default="configs/ctrate.yaml", help="training preset (model size, pipeline config)")
-    p.add_argument("--checkpoint", type=Path,
-                   help="checkpoint to evaluate: ours or the released fVLM weights "
-                        "(default: latest checkpoint_*.pth in --output-dir)")
-    p.add_argument("--output-dir", dest="output_dir", type=Path,
-                   help="training output directory searched for the default checkpoint (default: the preset's)")
-    p.add_argument("--data-root", dest="data_root", type=Path,
-                   help="root holding processed_{split}_images/ and _masks/ (default: the preset's, 'data')")
-    p.add_argument("--items", help="test items, prompts and roi (default: the preset's zeroshot_items)")
-    p.add_argument("--text-encoder", dest="text_encoder",
-                   help="text encoder directory for config + vocabulary (default: the preset's)")
-    p.add_argument("--split", default="valid", help="processed split to score (default: valid)")
-    p.add_argument("--output", type=Path, help="prediction CSV (default: res/<name>.csv)")
+    p = argparse.ArgumentParser("fVLM zero-shot evaluation", parents=[checkpoint_args_parser()], add_help=False)
+    p.add_argument("--csv_file", type=Path, help="prediction CSV, calc_metrics.py's input (default: res/<name>.csv)")
     p.add_argument("--name", help="name of the default output (default: the checkpoint's file stem)")
-    p.add_argument("--no-progress", dest="progress", action="store_false", help="no tqdm bar")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="preset overrides, e.g. model.depth=4")
     return p
-
-
-def read_case(image_path: Path) -> tuple[np.ndarray, np.ndarray]:
-    """(image int16 HU, mask ids), both (D, H, W) memory-mapped; VolumeReadError when unusable."""
-    image = open_volume(image_path)
-    mask = open_volume(image_to_mask_path(image_path))
-    if image.shape != mask.shape:
-        raise VolumeReadError(f"image {image.shape} and mask {mask.shape} differ in shape")
-    return image, mask
-
-
-def volume_name(image_path: Path) -> str:
-    """Processed ``.../valid_1_a_1.nii`` -> the VolumeName ``valid_1_a_1.nii.gz``."""
-    return image_path.name[: -len(".nii")] + ".nii.gz"
 
 
 def log_empty_cells(rows: dict[str, dict[str, float]], items) -> None:
@@ -95,27 +60,14 @@ def evaluate(args: argparse.Namespace, held: contextlib.ExitStack) -> int:
     """Score every volume; ``held`` keeps the output's lock until the caller's block ends."""
     rank, world_size, device = init_distributed()
     setup_logging()
-    cfg = apply_overrides(load_config(resolve_path(args.config)), args.overrides)
-    pipe = load_pipeline_config(resolve_path(cfg["pipeline_config"]))
-    roi, items = load_items(resolve_path(args.items or cfg["zeroshot_items"]))
-    data_root = resolve_path(args.data_root or cfg["paths"]["data_root"])
-    checkpoint = resolve_path(args.checkpoint) if args.checkpoint is not None else None
-    if checkpoint is None:
-        out_dir = resolve_path(args.output_dir or cfg["paths"]["output_dir"])
-        checkpoint = latest_checkpoint(out_dir)
-        if checkpoint is None:
-            raise ZeroShotSetupError(f"no checkpoint_*.pth in {out_dir}: set --checkpoint or --output-dir")
-    output = args.output or Path("res") / f"{args.name or checkpoint.stem}.csv"
+    inputs = resolve_eval_inputs(args)
+    cfg, pipe, roi, items, checkpoint, volumes = (inputs.preset, inputs.preset.pipeline, inputs.roi, inputs.items,
+                                                  inputs.checkpoint, inputs.volumes)
+    output = args.csv_file or Path("res") / f"{args.name or checkpoint.stem}.csv"
     held.enter_context(main_process_lock(output.with_name(f".{output.name}.lock"), f"prediction CSV {output}"))
-    volumes = list_volumes(data_root, args.split)
-    if not volumes:
-        raise ZeroShotSetupError(
-            f"no processed volumes in {data_root / f'processed_{args.split}_images'}: set --data-root / --split")
 
-    model, tokenizer = load_eval_model(cfg, checkpoint, n_anatomies=pipe.n_anatomies,
-                                       text_encoder_dir=args.text_encoder or cfg["paths"]["text_encoder"],
-                                       device=device)
-    text_feats = prompt_features(model, tokenizer, items, int(cfg["model"]["text_max_length"]), device)
+    model, tokenizer = load_eval_model(cfg, checkpoint, device)
+    text_feats = prompt_features(model, tokenizer, items, cfg.model.text_max_length, device)
     scorer = ZeroShotScorer(model, items, pipe.anatomy_names, text_feats, roi, device,
                             transform=lambda hu: scale_hu(hu, pipe.hu_window))
     logger.info("checkpoint %s: %d volumes of %s on %d process(es), %d items, roi %s",
@@ -124,7 +76,7 @@ def evaluate(args: argparse.Namespace, held: contextlib.ExitStack) -> int:
     rows: dict[str, dict[str, float]] = {}
     failures: list[tuple[str, str]] = []
     mine = volumes[rank::world_size]
-    for path in tqdm(mine, desc=f"eval {args.split}", disable=not (args.progress and is_main_process())):
+    for path in tqdm(mine, desc=f"eval {args.split}", disable=not (args.pbar and is_main_process())):
         name = volume_name(path)
         try:
             image, mask = read_case(path)

@@ -19,7 +19,7 @@ Steps, the same functions as the data pipeline and eval.py:
 3. ``data.resize``: resample onto the release's grid for the pipeline spacing (image
    trilinear, labels PyTorch's legacy nearest) and merge the classes into anatomy ids;
 4. ``data.preprocess.crop_pad_case``: crop to the anatomies + margin, pad to the minimum size;
-5. ``models.zeroshot.ZeroShotScorer`` (shared with eval.py): one window per anatomy, HU
+5. ``zeroshot.ZeroShotScorer`` (shared with eval.py): one window per anatomy, HU
    window scaling, probabilities of the items of ``--items``.
 
 Prints a table (or ``--json``); an anatomy absent from the mask gives no probability.
@@ -39,20 +39,22 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
+from data.common import PipelineConfig, PipelineError
 from data.io import scale_hu
-from data.common import PipelineConfig, PipelineError, load_pipeline_config
 from data.fix_data import read_sitk
 from data.generate_mask import (check_labels, check_same_geometry, check_totalseg_weights, disable_usage_stats,
                                 segment_case, total_class_ids)
 from data.preprocess import crop_pad_case
 from data.resize import build_label_lut, merge_labels, resample_case
-from models.zeroshot import ZeroShotItem, ZeroShotScorer, prompt_features
-from utils.config import ConfigError, apply_overrides, load_config, resolve_path
-from utils.zeroshot import ZeroShotSetupError, load_eval_model, load_items
+from utils.config import ConfigError
+from utils.preset import given_flags, load_preset
+from zeroshot import ZeroShotItem, ZeroShotScorer, ZeroShotSetupError, load_eval_model, load_items, prompt_features
 
 logger = logging.getLogger("predict")
 
 ORIENTATION = "LPS"
+# command-line flag -> preset key (the flag wins over the preset; key=value overrides win over both)
+FLAG_KEYS = {"text_encoder": "paths.text_encoder", "items": "zeroshot_items"}
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -99,13 +101,11 @@ def prepare_case(image: sitk.Image, labels: sitk.Image, pipe: PipelineConfig) ->
 
 
 def predict(args: argparse.Namespace) -> tuple[list[ZeroShotItem], dict[str, float]]:
-    cfg = apply_overrides(load_config(resolve_path(args.config)), args.overrides)
-    pipe = load_pipeline_config(resolve_path(cfg["pipeline_config"]))
-    roi, items = load_items(resolve_path(args.items or cfg["zeroshot_items"]))
+    cfg = load_preset(args.config, args.overrides, flags=given_flags(args, FLAG_KEYS))
+    pipe = cfg.pipeline
+    roi, items = load_items(cfg.zeroshot_items)
     device = torch.device(args.device)
-    model, tokenizer = load_eval_model(cfg, args.checkpoint, n_anatomies=pipe.n_anatomies,
-                                       text_encoder_dir=args.text_encoder or cfg["paths"]["text_encoder"],
-                                       device=device)
+    model, tokenizer = load_eval_model(cfg, args.checkpoint, device)
     image = read_sitk(args.image, "image")
     if args.mask is not None:
         labels = read_sitk(args.mask, "mask")
@@ -114,7 +114,7 @@ def predict(args: argparse.Namespace) -> tuple[list[ZeroShotItem], dict[str, flo
     hu, anatomy = prepare_case(image, labels, pipe)
     logger.info("processed volume %s (D, H, W); anatomies present: %s", hu.shape,
                 [pipe.anatomy_names[i - 1] for i in np.unique(anatomy) if i])
-    text_feats = prompt_features(model, tokenizer, items, int(cfg["model"]["text_max_length"]), device)
+    text_feats = prompt_features(model, tokenizer, items, cfg.model.text_max_length, device)
     scorer = ZeroShotScorer(model, items, pipe.anatomy_names, text_feats, roi, device,
                             transform=lambda x: scale_hu(x, pipe.hu_window))
     return items, scorer(hu, anatomy)

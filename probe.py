@@ -30,7 +30,7 @@ from utils.metrics import (LABEL_KEY, MetricsInputError, ScoringTable, SingleCla
                            format_report, read_labels)
 from utils.probe import ProbeError, cross_validated_probs, design_matrix, fit_predict
 from utils.tables import write_table
-from utils.zeroshot import ZeroShotSetupError, load_items
+from zeroshot import ZeroShotSetupError, load_items
 
 logger = logging.getLogger("probe")
 

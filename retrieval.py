@@ -39,13 +39,12 @@ from utils.embeddings import (
     anatomy_texts,
     compute_image_embeddings,
     encode_texts,
-    model_args_parser,
     scan_of,
     setup_features,
 )
 from utils.retrieval import anatomy_similarity, evaluate_both_directions, format_table
 from utils.tables import write_table
-from utils.zeroshot import ZeroShotSetupError
+from zeroshot import ZeroShotSetupError, checkpoint_args_parser
 
 logger = logging.getLogger("retrieval")
 REPORTS_RELPATH = {"valid": "radiology_text_reports/validation_reports.csv",
@@ -53,7 +52,7 @@ REPORTS_RELPATH = {"valid": "radiology_text_reports/validation_reports.csv",
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser("fVLM retrieval", parents=[model_args_parser()], add_help=False)
+    p = argparse.ArgumentParser("fVLM retrieval", parents=[checkpoint_args_parser()], add_help=False)
     p.add_argument("--texts", choices=("anatomy", "report"), default="anatomy",
                    help="anatomy-wise spec §3 texts (default) or whole free-text reports")
     p.add_argument("--reports", type=Path, help="reports CSV for --texts report (default: the split's CT-RATE CSV)")
@@ -87,7 +86,7 @@ def text_features(s, names: list[str], kind: str, reports: Path, cache: Path, pr
         with np.load(cache) as z:
             if str(z["source"]) == key and [str(n) for n in z["names"]] == names:
                 return z["features"], z["present"]
-    max_length = int(s.cfg["model"]["text_max_length"])
+    max_length = s.cfg.model.text_max_length
     encode = lambda batch: s.model.encode_texts(batch, s.tokenizer, max_length, device=s.device)  # noqa: E731
     if kind == "anatomy":
         per_volume = anatomy_texts(names, s.anatomies, _read_json(s.data_root / "desc_info.json"),
@@ -120,12 +119,12 @@ def run(args: argparse.Namespace) -> pd.DataFrame:
     stem = f"{s.checkpoint.stem}_{args.split}"
     emb_path = args.embeddings or Path("res") / f"embed_{stem}.npz"
     emb, failures = compute_image_embeddings(s.extractor, s.volumes, emb_path, source=s.source,
-                                             progress=args.progress)
+                                             progress=args.pbar)
     for name, reason in failures:
         logger.warning("left out %s: %s", name, reason)
     reports = args.reports or s.data_root / REPORTS_RELPATH.get(args.split, f"radiology_text_reports/{args.split}_reports.csv")
     txt, txt_present = text_features(s, emb.names, args.texts, reports,
-                                     emb_path.with_name(f"{emb_path.stem}_texts_{args.texts}.npz"), args.progress)
+                                     emb_path.with_name(f"{emb_path.stem}_texts_{args.texts}.npz"), args.pbar)
     without = [n for n, p in zip(emb.names, txt_present.any(axis=1)) if not p]
     if without:
         logger.warning("%d volume(s) have no report and are left out: %s", len(without), ", ".join(without[:5]))

@@ -26,23 +26,21 @@ import logging
 import shutil
 import sys
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 
-from data.common import PipelineError, load_pipeline_config
+from data.common import PipelineError
 from data.dataset import CTRateTrainDataset, collate
 from data.io import InUseError, atomic_output, image_to_mask_path, list_volumes
 from engine import TrainStep, train_one_epoch
-from models.fvlm import FVLM, build_fvlm
+from models.builder import build_model, text_weights_from_directory
 from models.loss import AnatomyContrastiveLoss
-from models.text_encoder import TextEncoderError, build_text_encoder, missing_parts
-from utils.checkpoint import (CheckpointError, latest_checkpoint, load_checkpoint, load_mae_into_vit, load_model_state,
-                              save_checkpoint)
-from utils.config import REPO_ROOT, ConfigError, apply_overrides, load_config, resolve_path, save_config, set_by_path
-from utils.distributed import (barrier, destroy, init_distributed, is_main_process, main_process_lock,
-                               setup_logging)
+from models.text_encoder import TextEncoderError, missing_parts
+from utils.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, load_model_state, save_checkpoint
+from utils.config import REPO_ROOT, ConfigError, resolve_path, save_config
+from utils.distributed import barrier, destroy, init_distributed, is_main_process, main_process_lock, setup_logging
+from utils.preset import Preset, given_flags, load_preset
 
 logger = logging.getLogger("train")
 RUN_LOCK = ".train.lock"  # in the output directory; not a file of the run
@@ -77,21 +75,19 @@ def get_args_parser() -> argparse.ArgumentParser:
     return p
 
 
-def resolve_config(args: argparse.Namespace) -> dict[str, Any]:
-    cfg = load_config(resolve_path(args.config))
-    for flag, key in FLAG_KEYS.items():
-        value = getattr(args, flag)
-        if value is not None:
-            set_by_path(cfg, key, None if (flag == "mae_weights" and value.lower() == "none") else value)
-    return apply_overrides(cfg, args.overrides)
+def resolve_config(args: argparse.Namespace) -> Preset:
+    flags = given_flags(args, FLAG_KEYS)
+    if str(args.mae_weights).lower() == "none":
+        flags["paths.mae_weights"] = None
+    return load_preset(args.config, args.overrides, flags=flags)
 
 
-def check_inputs(cfg: dict[str, Any]) -> None:
+def check_inputs(cfg: Preset) -> None:
     """Resolve the input paths in place (current dir, else repo root) and check every input before anything is
     written; one ``SetupError`` lists every problem, each with the flag to set."""
-    paths, split = cfg["paths"], cfg["data"]["split"]
+    paths, split = cfg.paths, cfg.data.split
     problems = []
-    root = resolve_path(paths["data_root"])
+    root = resolve_path(paths.data_root)
     images = list_volumes(root, split) if root.is_dir() else []
     if not images:
         code = " (the code package data/, not a data root)" if root.resolve() == (REPO_ROOT / "data").resolve() else ""
@@ -103,25 +99,25 @@ def check_inputs(cfg: dict[str, Any]) -> None:
                         f"e.g. {unpaired[0]}: rerun data.preprocess or set --data-root")
     for name in REPORT_FILES:
         problems += _json_problems(root / name)
-    if paths["mae_weights"] is not None:
-        mae = resolve_path(paths["mae_weights"])
+    if paths.mae_weights is not None:
+        mae = resolve_path(paths.mae_weights)
         if not mae.is_file():
             problems.append(f"MAE weights {mae} not found: set --mae-weights (or --mae-weights none)")
-        paths["mae_weights"] = str(mae)
-    text_dir = resolve_path(paths["text_encoder"])
-    missing = missing_parts(text_dir, weights=bool(cfg["model"]["text_pretrained"]))
+        paths.mae_weights = str(mae)
+    text_dir = resolve_path(paths.text_encoder)
+    missing = missing_parts(text_dir, weights=text_weights_from_directory(cfg.model, from_checkpoint=False))
     if missing:
         problems.append(f"text encoder {text_dir} lacks {', '.join(missing)}: set --text-encoder")
     if problems:
         raise SetupError("cannot start: " + "; ".join(problems))
-    paths["data_root"], paths["text_encoder"] = str(root), str(text_dir)
+    paths.data_root, paths.text_encoder = str(root), str(text_dir)
 
 
 def _json_problems(path: Path) -> list[str]:
     if not path.is_file():
         return [f"{path} not found (anatomy-wise report texts, spec §1): set --data-root"]
     try:
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:
             json.load(f)
     except (OSError, ValueError) as e:
         return [f"{path} is not valid JSON ({e})"]
@@ -168,57 +164,43 @@ def seed_everything(seed: int) -> None:
     np.random.seed(seed % 2**32)
 
 
-def build_model(cfg: dict[str, Any], n_anatomies: int) -> tuple[FVLM, Any]:
-    """FVLM + tokenizer from a resolved config: MAE init of the ViT if ``paths.mae_weights``."""
-    m, paths = cfg["model"], cfg["paths"]
-    text_encoder, tokenizer = build_text_encoder(paths["text_encoder"], pretrained=m["text_pretrained"])
-    if m.get("freeze_text_encoder", False):
-        if not m["text_pretrained"]:
-            raise SetupError("model.freeze_text_encoder needs model.text_pretrained: a frozen random BERT learns nothing")
-        text_encoder.requires_grad_(False)  # checkpoints then leave its weights out (spec §6)
-    model = build_fvlm(m, img_size=cfg["data"]["crop_size"], text_encoder=text_encoder, n_anatomies=n_anatomies)
-    if paths["mae_weights"] is not None:
-        logger.info("MAE init: %s", load_mae_into_vit(model.visual_encoder, paths["mae_weights"]))
-    return model, tokenizer
-
-
 def train(args: argparse.Namespace) -> dict[str, float]:
     """Run (or resume) a training run; returns the last epoch's stats."""
     rank, world_size, device = init_distributed()
     setup_logging()
     cfg = resolve_config(args)
-    cfg["_world_size"] = world_size
     check_inputs(cfg)
-    out_dir = Path(cfg["paths"]["output_dir"])
+    out_dir = Path(cfg.paths.output_dir)
     if not args.resume and has_run_files(out_dir):
         raise SetupError(f"output directory {out_dir} is not empty: pass --resume or set --output-dir")
     with hold_output_dir(out_dir):
         return _train_in(out_dir, args, cfg, rank, world_size, device)
 
 
-def _train_in(out_dir: Path, args: argparse.Namespace, cfg: dict[str, Any], rank: int, world_size: int,
+def _train_in(out_dir: Path, args: argparse.Namespace, cfg: Preset, rank: int, world_size: int,
               device: torch.device) -> dict[str, float]:
     resume_from = latest_checkpoint(out_dir) if args.resume else None
-    seed_everything(cfg["seed"] + rank)
+    seed_everything(cfg.seed + rank)
 
-    pipe = load_pipeline_config(resolve_path(cfg["pipeline_config"]))
+    pipe = cfg.pipeline
     dataset = CTRateTrainDataset(
-        cfg["paths"]["data_root"], anatomy_names=pipe.anatomy_names, crop_size=cfg["data"]["crop_size"],
-        hu_window=pipe.hu_window, flip_prob=cfg["data"]["flip_prob"], split=cfg["data"]["split"], seed=cfg["seed"])
+        cfg.paths.data_root, anatomy_names=pipe.anatomy_names, crop_size=cfg.data.crop_size,
+        hu_window=pipe.hu_window, flip_prob=cfg.data.flip_prob, split=cfg.data.split, seed=cfg.seed)
     sampler = torch.utils.data.DistributedSampler(
-        dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=cfg["seed"], drop_last=True)
-    optim_cfg = cfg["optim"]
+        dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=cfg.seed, drop_last=True)
+    optim_cfg = cfg.optim
     loader = torch.utils.data.DataLoader(
-        dataset, batch_size=optim_cfg["batch_size"], sampler=sampler, num_workers=cfg["data"]["workers"],
+        dataset, batch_size=optim_cfg.batch_size, sampler=sampler, num_workers=cfg.data.workers,
         collate_fn=collate, drop_last=True, pin_memory=device.type == "cuda")
-    if len(loader) // optim_cfg["accum_steps"] == 0:
-        raise SetupError(f"{len(dataset)} scans give no full step of batch {optim_cfg['batch_size']} x "
-                         f"{optim_cfg['accum_steps']} accumulation x {world_size} processes: lower --batch-size")
+    if len(loader) // optim_cfg.accum_steps == 0:
+        raise SetupError(f"{len(dataset)} scans give no full step of batch {optim_cfg.batch_size} x "
+                         f"{optim_cfg.accum_steps} accumulation x {world_size} processes: lower --batch-size")
 
-    model, tokenizer = build_model(cfg, len(pipe.anatomy_names))
+    model, tokenizer = build_model(cfg.model, img_size=cfg.data.crop_size, n_anatomies=pipe.n_anatomies,
+                                   text_encoder_dir=cfg.paths.text_encoder, mae_weights=cfg.paths.mae_weights)
     model.to(device)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=optim_cfg["lr"],
-                                  betas=tuple(optim_cfg["betas"]), weight_decay=optim_cfg["weight_decay"])
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=optim_cfg.lr,
+                                  betas=optim_cfg.betas, weight_decay=optim_cfg.weight_decay)
     start_epoch = 0
     if resume_from is not None:
         ckpt = load_checkpoint(resume_from)
@@ -232,30 +214,30 @@ def _train_in(out_dir: Path, args: argparse.Namespace, cfg: dict[str, Any], rank
         logger.info("--resume: no checkpoint in %s, starting a new run", out_dir)
 
     step_module: torch.nn.Module = TrainStep(model, AnatomyContrastiveLoss(rank, world_size, pipe.anatomy_names),
-                                             tokenizer, cfg["model"]["text_max_length"])
+                                             tokenizer, cfg.model.text_max_length)
     if world_size > 1:
         step_module = torch.nn.parallel.DistributedDataParallel(
             step_module, device_ids=[device.index] if device.type == "cuda" else None,
             find_unused_parameters=True)  # anatomies without usable pairs leave their projection unused
-    eff_batch = optim_cfg["batch_size"] * optim_cfg["accum_steps"] * world_size
+    eff_batch = optim_cfg.batch_size * optim_cfg.accum_steps * world_size
     logger.info("%d scans, %d steps/epoch, effective batch %d = %d per process x %d accum x %d processes, "
-                "base lr %.2e (no batch scaling, as released)", len(dataset), len(loader) // optim_cfg["accum_steps"],
-                eff_batch, optim_cfg["batch_size"], optim_cfg["accum_steps"], world_size, optim_cfg["lr"])
+                "base lr %.2e (no batch scaling, as released)", len(dataset), len(loader) // optim_cfg.accum_steps,
+                eff_batch, optim_cfg.batch_size, optim_cfg.accum_steps, world_size, optim_cfg.lr)
 
     if is_main_process():  # only now: a run that fails to start leaves no config behind
-        save_config({k: v for k, v in cfg.items() if not k.startswith("_")}, out_dir)
+        save_config(cfg.to_dict(), out_dir)
     stats: dict[str, float] = {}
     last = str(resume_from) if resume_from else None
-    for epoch in range(start_epoch, optim_cfg["epochs"]):
+    for epoch in range(start_epoch, optim_cfg.epochs):
         sampler.set_epoch(epoch)
         dataset.set_epoch(epoch)
-        seed_everything(int(np.random.SeedSequence([cfg["seed"], rank, epoch]).generate_state(1)[0]))
-        stats = train_one_epoch(step_module, model, loader, optimizer, epoch=epoch, cfg=cfg, device=device,
-                                log_path=out_dir / "log_steps.jsonl", last_checkpoint=last)
+        seed_everything(int(np.random.SeedSequence([cfg.seed, rank, epoch]).generate_state(1)[0]))
+        stats = train_one_epoch(step_module, model, loader, optimizer, epoch=epoch, cfg=cfg, world_size=world_size,
+                                device=device, log_path=out_dir / "log_steps.jsonl", last_checkpoint=last)
         if is_main_process():
             last = str(out_dir / f"checkpoint_{epoch}.pth")
             save_checkpoint(last, model=model, optimizer=optimizer, epoch=epoch,
-                            config={k: v for k, v in cfg.items() if not k.startswith("_")})
+                            config=cfg.to_dict())
             with open(out_dir / "log.txt", "a") as f:
                 f.write(json.dumps({"epoch": epoch, **stats}) + "\n")
             logger.info("epoch %d done: %s", epoch, stats)

@@ -1,7 +1,7 @@
 """Seconds per training step and peak memory of fVLM pre-training.
 
-Same code path as train.py (train.build_model, engine.TrainStep, AnatomyContrastiveLoss,
-AdamW step); the batch is synthetic (random image, four interior anatomies, report-like
+Same code path as train.py (utils.preset.load_preset, models.builder.build_model,
+engine.TrainStep, AnatomyContrastiveLoss, AdamW step); the batch is synthetic (random image, four interior anatomies, report-like
 texts of CT-RATE lengths) so no data is needed. Prints one JSON line per setting.
 
     python bench/bench_train.py                      # CPU: demo preset, then ViT-B at batch 1 and 2
@@ -9,9 +9,10 @@ texts of CT-RATE lengths) so no data is needed. Prints one JSON line per setting
     python bench/bench_train.py --only paper --batch-sizes 1   # ViT-B, ~30+ s per step on 2 cores
     python bench/bench_train.py --only gpu           # GPU: ViT-B batch 14 fp32 + bf16, largest batch
 
-The paper-size text encoder is a randomly initialised BERT the size of CXR-BERT
-(hidden 768, 12 layers, vocab 30522) with a word-level vocabulary, so every word is one
-token (CXR-BERT's WordPiece gives a few more). CPU peak memory is the process's maxrss
+The text encoder is a directory of randomly initialised weights in the preset's BERT shape
+(the demo's: ``text_pretrain.init``; the paper's: the size of CXR-BERT, hidden 768, 12
+layers, vocab 30522, with a word-level vocabulary, so every word is one token where
+CXR-BERT's WordPiece gives a few more), loaded as the preset says (frozen or trained). CPU peak memory is the process's maxrss
 (each CPU setting runs in a fresh subprocess); GPU peak is torch.cuda.max_memory_allocated.
 """
 from __future__ import annotations
@@ -20,6 +21,7 @@ import argparse
 import json
 import platform
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -34,9 +36,9 @@ if str(REPO_ROOT) not in sys.path:
 
 from data.texts import text_hash  # noqa: E402
 from engine import TrainStep  # noqa: E402
+from models.builder import build_model  # noqa: E402
 from models.loss import AnatomyContrastiveLoss  # noqa: E402
-from train import build_model  # noqa: E402
-from utils.config import load_config  # noqa: E402
+from utils.preset import load_preset  # noqa: E402
 
 ANATOMIES = ["lung", "heart", "esophagus", "aorta"]
 # words per anatomy text, cycling over samples (CT-RATE sample: lung mean 70, p90 124, max 290)
@@ -58,14 +60,20 @@ def _texts(batch: int) -> list[list[str]]:
     return out
 
 
-def _word_bert_dir(tmp: Path) -> Path:
-    """CXR-BERT-size BERT config + a word-level vocab covering the bench texts."""
-    from transformers import BertConfig
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ".", *ANATOMIES, *sorted(set(SENTENCE)),
-             *[str(i) for i in range(64)]]
-    (tmp / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    BertConfig(vocab_size=30522, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
-               intermediate_size=3072, max_position_embeddings=512).to_json_file(tmp / "config.json")
+def _random_bert_dir(tmp: Path, init_dir: Path | None) -> Path:
+    """Random BERT weights + vocabulary in ``tmp``: ``init_dir``'s config and vocabulary, or (None)
+    a CXR-BERT-size config with a word-level vocab covering the bench texts."""
+    from transformers import BertConfig, BertModel
+    if init_dir is None:
+        vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ".", *ANATOMIES, *sorted(set(SENTENCE)),
+                 *[str(i) for i in range(64)]]
+        (tmp / "vocab.txt").write_text("\n".join(vocab) + "\n")
+        config = BertConfig(vocab_size=30522, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+                            intermediate_size=3072, max_position_embeddings=512)
+    else:
+        shutil.copytree(init_dir, tmp, dirs_exist_ok=True)  # vocabulary and tokenizer settings
+        config = BertConfig.from_json_file(init_dir / "config.json")
+    BertModel(config, add_pooling_layer=False).save_pretrained(tmp)
     return tmp
 
 
@@ -87,23 +95,19 @@ def _batch(batch: int, crop: tuple[int, int, int], device: torch.device) -> dict
 
 def bench(preset: str, batch: int, *, amp: str, steps: int, device: torch.device, paper_bert: bool,
           grad_checkpointing: bool = False) -> dict:
-    cfg = load_config(REPO_ROOT / "configs" / preset)
+    path = REPO_ROOT / "configs" / preset
     with tempfile.TemporaryDirectory() as tmp:
-        # random weights in the preset's BERT shape (the demo's comes from text_pretrain.init)
-        cfg["paths"]["text_encoder"] = str(_word_bert_dir(Path(tmp)) if paper_bert
-                                           else REPO_ROOT / cfg["text_pretrain"]["init"])
-        cfg["paths"]["mae_weights"] = None
-        cfg["model"]["text_pretrained"] = False
-        frozen_text = cfg["model"].pop("freeze_text_encoder", False)
-        cfg["model"]["grad_checkpointing"] = grad_checkpointing
         torch.manual_seed(0)
-        model, tokenizer = build_model(cfg, len(ANATOMIES))
-    model.text_encoder.requires_grad_(not frozen_text)
+        init_dir = None if paper_bert else REPO_ROOT / load_preset(path).text_pretrain.init
+        cfg = load_preset(path, flags={"paths.text_encoder": str(_random_bert_dir(Path(tmp), init_dir)),
+                                       "paths.mae_weights": None, "model.grad_checkpointing": grad_checkpointing})
+        model, tokenizer = build_model(cfg.model, img_size=cfg.data.crop_size, n_anatomies=len(ANATOMIES),
+                                       text_encoder_dir=cfg.paths.text_encoder)
     model.to(device)
     step_module = TrainStep(model, AnatomyContrastiveLoss(anatomy_names=ANATOMIES), tokenizer,
-                            cfg["model"]["text_max_length"])
+                            cfg.model.text_max_length)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
-    data = _batch(batch, tuple(cfg["data"]["crop_size"]), device)
+    data = _batch(batch, cfg.data.crop_size, device)
     ctx = torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp == "bf16")
     step_module.train()
     if device.type == "cuda":
@@ -124,7 +128,7 @@ def bench(preset: str, batch: int, *, amp: str, steps: int, device: torch.device
         if i:
             times.append(time.perf_counter() - t0)
     n_tokens = tokenizer(data["texts"][0], padding="longest", truncation=True,
-                         max_length=cfg["model"]["text_max_length"])["input_ids"]
+                         max_length=cfg.model.text_max_length)["input_ids"]
     res = {"preset": preset, "batch": batch, "amp": amp, "grad_checkpointing": grad_checkpointing,
            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
            "sec_per_step": round(sum(times) / len(times), 4), "samples_per_s": round(batch * len(times) / sum(times), 3),
@@ -178,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     only = args.only or (["gpu"] if torch.cuda.is_available() else ["demo", "paper"])
     if "demo" in only:
-        _subprocess("demo.yaml", load_config(REPO_ROOT / "configs" / "demo.yaml")["optim"]["batch_size"],
+        _subprocess("demo.yaml", load_preset(REPO_ROOT / "configs" / "demo.yaml").optim.batch_size,
                     args.steps, False)
     if "paper" in only:
         for b in args.batch_sizes:

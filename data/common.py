@@ -119,14 +119,14 @@ def load_pipeline_config(path: str | Path | None = None) -> PipelineConfig:
     path = resolve_path(path if path is not None else DEFAULT_CONFIG)
     if not path.is_file():
         raise PipelineError(f"pipeline config not found: {path} (set --config)")
-    with open(path) as f:
+    with open(path, encoding="utf-8") as f:
         cfg = yaml.safe_load(f)
     if not isinstance(cfg, dict) or "anatomy_map" not in cfg:
         raise PipelineError(f"{path}: expected a mapping with an 'anatomy_map' key")
     map_path = resolve_path(cfg["anatomy_map"])
     if not map_path.is_file():
         raise PipelineError(f"{path}: anatomy map not found: {map_path}")
-    with open(map_path) as f:
+    with open(map_path, encoding="utf-8") as f:
         anatomies = (yaml.safe_load(f) or {}).get("anatomies")
     if not isinstance(anatomies, list) or not anatomies or not all(
             isinstance(a, dict) and isinstance(a.get("name"), str) and isinstance(a.get("classes"), list)

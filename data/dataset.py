@@ -49,7 +49,7 @@ def scan_id_of(path: str | Path) -> str:
 def _load_json(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found (anatomy-wise report texts, spec §1; set --data-root)")
-    with open(path) as f:
+    with open(path, encoding="utf-8") as f:
         return json.load(f)
 
 

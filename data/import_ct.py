@@ -46,7 +46,7 @@ if __package__ in (None, ""):  # run as `python import_ct.py` from inside data/
 import numpy as np
 import SimpleITK as sitk
 
-from data.io import IDENTITY_DIRECTION, write_volume
+from data.io import IDENTITY_DIRECTION, keep_locale, write_volume
 from data.common import (CaseError, PipelineError, RunSummary, Task, nii_stem, run_cli, run_tasks, step_parser,
                          volume_relpath)
 from data.fix_data import read_sitk, to_hu
@@ -137,17 +137,18 @@ def list_sources(input_path: str | Path) -> list[Source]:
 def read_dicom_series(folder: Path) -> sitk.Image:
     """The single DICOM series of ``folder`` (slices sorted by position, rescale applied)."""
     reader = sitk.ImageSeriesReader()
-    series = reader.GetGDCMSeriesIDs(str(folder))
-    if not series:
-        raise CaseError(f"no DICOM series in folder {folder.name}")
-    if len(series) > 1:
-        raise CaseError(f"{len(series)} DICOM series in folder {folder.name}: put each in its own folder")
-    files = reader.GetGDCMSeriesFileNames(str(folder), series[0])
-    reader.SetFileNames(files)
-    try:
-        image = reader.Execute()
-    except RuntimeError as exc:
-        raise CaseError(f"unreadable DICOM series {folder.name}: {' '.join(str(exc).split())[-160:]}") from None
+    with keep_locale():
+        series = reader.GetGDCMSeriesIDs(str(folder))
+        if not series:
+            raise CaseError(f"no DICOM series in folder {folder.name}")
+        if len(series) > 1:
+            raise CaseError(f"{len(series)} DICOM series in folder {folder.name}: put each in its own folder")
+        files = reader.GetGDCMSeriesFileNames(str(folder), series[0])
+        reader.SetFileNames(files)
+        try:
+            image = reader.Execute()
+        except RuntimeError as exc:
+            raise CaseError(f"unreadable DICOM series {folder.name}: {' '.join(str(exc).split())[-160:]}") from None
     if image.GetDimension() != 3 or image.GetSize()[2] < 2:
         raise CaseError(f"DICOM series {folder.name} is not a 3D volume ({len(files)} slice(s))")
     return image

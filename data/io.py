@@ -29,6 +29,7 @@ import csv
 import errno
 import fcntl
 import json
+import locale
 import math
 import os
 import shutil
@@ -79,6 +80,17 @@ def atomic_output(path: str | Path) -> Iterator[Path]:
     if tmp.is_dir() and path.is_dir():  # os.replace cannot replace a non-empty directory
         shutil.rmtree(path)
     os.replace(tmp, path)
+
+
+@contextmanager
+def keep_locale() -> Iterator[None]:
+    """Restore the process locale after the block: ITK's DICOM (GDCM) I/O sets it to "C", after which
+    Python's ``open()`` without an encoding reads text as ASCII for the rest of the process."""
+    saved = locale.setlocale(locale.LC_ALL)
+    try:
+        yield
+    finally:
+        locale.setlocale(locale.LC_ALL, saved)
 
 
 @contextmanager
@@ -138,7 +150,7 @@ def write_json(path: str | Path, obj: object) -> None:
 def read_json(path: str | Path) -> object | None:
     """The JSON in ``path``; ``None`` when it is missing or unreadable (treated as absent)."""
     try:
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:
             return json.load(f)
     except (OSError, ValueError):
         return None

@@ -39,7 +39,7 @@ def load_labels_map(path: str | Path) -> LabelsMap:
     path = Path(path)
     if not path.is_file():
         raise LabelsMapError(f"labels map not found: {path} (set --labels-map)")
-    with open(path) as f:
+    with open(path, encoding="utf-8") as f:
         doc = yaml.safe_load(f)
     if not isinstance(doc, dict) or not isinstance(doc.get("id_column"), str) or not isinstance(doc.get("columns"), dict):
         raise LabelsMapError(f"{path}: expected 'id_column: NAME' and 'columns: {{abnormality: column or null}}'")

@@ -210,7 +210,7 @@ def load_anatomies(path: Path = ANATOMY_MAP) -> list[tuple[str, list[str]]]:
     """(anatomy name, TotalSegmentator classes) in id order, from the anatomy merge map YAML."""
     import yaml
 
-    with open(path) as f:
+    with open(path, encoding="utf-8") as f:
         doc = yaml.safe_load(f)
     return [(a["name"], list(a["classes"])) for a in doc["anatomies"]]
 
@@ -1005,7 +1005,7 @@ def build_demo_vocab() -> list[str]:
     word the generator can write and every word of the zero-shot prompts, sorted. Deterministic."""
     import yaml
 
-    with open(ZEROSHOT_ITEMS) as f:
+    with open(ZEROSHOT_ITEMS, encoding="utf-8") as f:
         items = yaml.safe_load(f)["items"]
     anatomies = [a for a, _ in load_anatomies()]
     texts: list[str] = [TECHNIQUE, FINDINGS_EXTRA, NORMAL_IMPRESSION, *CLINICAL, *AORTA_LOCATIONS]
@@ -1041,7 +1041,7 @@ def write_demo_bert(config_dir: str | Path = DEMO_BERT_DIR) -> None:
 # ------------------------------------------------------------------------------------------------ CLI
 def get_args_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--out", help="output data root (required unless --write-demo-bert)")
+    ap.add_argument("--data-root", dest="data_root", help="data root written (required unless --write-demo-bert)")
     ap.add_argument("--n-train", type=int, default=24, help="training scans")
     ap.add_argument("--n-valid", type=int, default=12, help="validation scans")
     ap.add_argument("--seed", type=int, default=0)
@@ -1062,11 +1062,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.write_demo_bert:
         write_demo_bert(args.write_demo_bert)
         return 0
-    if not args.out:
-        ap.error("--out is required")
+    if not args.data_root:
+        ap.error("--data-root is required")
     if min(args.n_train, args.n_valid) < 1 or args.workers < 1:
         ap.error("--n-train, --n-valid and --workers must be >= 1")
-    generate_dataset(args.out, n_train=args.n_train, n_valid=args.n_valid, seed=args.seed,
+    generate_dataset(args.data_root, n_train=args.n_train, n_valid=args.n_valid, seed=args.seed,
                      realistic=args.realistic, workers=args.workers, ctrate_version=args.ctrate_version)
     return 0
 

@@ -15,7 +15,7 @@ repeats a CT-RATE synthetic one), stored the way other collections store CT:
 - ``desc_info.json`` / ``conc_info.json``: anatomy-wise texts keyed by scan id (for retrieval).
 
 ``configs/labels/synthetic_external.yaml`` maps these columns to the zero-shot abnormalities.
-Usage: ``python -m data.synthetic_external --out demo/external --n 12``.
+Usage: ``python -m data.synthetic_external --data-root demo/external --n 12``.
 """
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ if __package__ in (None, ""):  # run as `python synthetic_external.py` from insi
 import numpy as np
 import SimpleITK as sitk
 
-from data.io import atomic_output, write_volume
+from data.io import atomic_output, keep_locale, write_volume
 from data.common import nii_stem, volume_relpath
 from data.import_ct import volume_name
 from data.synthetic import (_TEXT, SIMULATED, _rngs, _write_text, load_anatomies, scan_phantom, scan_texts,
@@ -95,7 +95,8 @@ def write_dicom_series(folder: Path, hu: np.ndarray, spacing_xyz, origin_xyz) ->
         for tag, value in tags.items():
             sl.SetMetaData(tag, value)
         writer.SetFileName(str(folder / f"slice{k:04d}.dcm"))
-        writer.Execute(sl)
+        with keep_locale():
+            writer.Execute(sl)
 
 
 def write_nifti_ras(path: Path, hu: np.ndarray, spacing_xyz, origin_xyz) -> None:
@@ -143,7 +144,7 @@ def generate_external(out_dir: str | Path, *, n: int = 12, seed: int = 0, split:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--out", required=True, help="output folder")
+    ap.add_argument("--data-root", dest="data_root", required=True, help="output folder")
     ap.add_argument("--n", type=int, default=12, help="number of volumes (default 12)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--split", default="valid", help="split name the masks are laid out for (default valid)")
@@ -151,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.n < 2:
         ap.error("--n must be >= 2 (both classes of every label)")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    generate_external(args.out, n=args.n, seed=args.seed, split=args.split)
+    generate_external(args.data_root, n=args.n, seed=args.seed, split=args.split)
     return 0
 
 

@@ -13,7 +13,7 @@ output goes through ``vision_projs[a]`` and is L2-normalised.
 from __future__ import annotations
 
 import logging
-from typing import Any, Mapping, Sequence
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -203,25 +203,3 @@ class FVLM(nn.Module):
             "text_hash": text_hash.to(image_feats.device)[sample_idx, anatomy_idx],
         }
 
-
-def build_fvlm(
-    model_cfg: Mapping[str, Any],
-    *,
-    img_size: Sequence[int],
-    text_encoder: nn.Module,
-    n_anatomies: int,
-) -> FVLM:
-    """FVLM from a config's ``model`` section (keys of configs/ctrate.yaml) and a text encoder."""
-    vit = VisionTransformer3D(
-        img_size=tuple(img_size),
-        patch_size=tuple(model_cfg["patch_size"]),
-        embed_dim=int(model_cfg["embed_dim"]),
-        depth=int(model_cfg["depth"]),
-        num_heads=int(model_cfg["num_heads"]),
-        mlp_ratio=float(model_cfg.get("mlp_ratio", 4.0)),
-        drop_rate=float(model_cfg.get("drop_rate", 0.1)),
-        attn_drop_rate=float(model_cfg.get("attn_drop_rate", 0.1)),
-        out_indices=tuple(model_cfg.get("out_indices", (3, 6, 9))),
-        grad_checkpointing=bool(model_cfg.get("grad_checkpointing", False)),
-    )
-    return FVLM(vit, text_encoder, n_anatomies=n_anatomies, temp_init=float(model_cfg.get("temp_init", 0.07)))

@@ -41,6 +41,55 @@ def _dist_ready(world_size: int) -> bool:
     return world_size > 1 and dist.is_available() and dist.is_initialized()
 
 
+def gather_rows(
+    feats: torch.Tensor, meta: torch.Tensor, rank: int, world_size: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gather (P_r, 2E) features and (P_r, 3) int64 metadata of all ranks.
+
+    Returns (global feats with this rank's rows = the local tensor, global meta,
+    (N,) bool "row is local")."""
+    if not _dist_ready(world_size):
+        return feats, meta, torch.ones(feats.shape[0], dtype=torch.bool, device=feats.device)
+    n = torch.tensor([feats.shape[0]], dtype=torch.int64, device=feats.device)
+    counts_t = [torch.zeros_like(n) for _ in range(world_size)]
+    dist.all_gather(counts_t, n)
+    counts = [int(c.item()) for c in counts_t]
+    m = max(counts)
+    if m == 0:
+        empty = torch.zeros(0, dtype=torch.bool, device=feats.device)
+        return feats, meta, empty
+    pad_f = feats.new_zeros((m, feats.shape[1]))
+    pad_f[: feats.shape[0]] = feats.detach()
+    pad_m = meta.new_zeros((m, meta.shape[1]))
+    pad_m[: meta.shape[0]] = meta
+    all_f = [torch.zeros_like(pad_f) for _ in range(world_size)]
+    all_m = [torch.zeros_like(pad_m) for _ in range(world_size)]
+    dist.all_gather(all_f, pad_f)
+    dist.all_gather(all_m, pad_m)
+    all_f[rank] = feats  # the local slice keeps its gradient
+    g_feats = torch.cat([f[:c] for f, c in zip(all_f, counts)])
+    g_meta = torch.cat([x[:c] for x, c in zip(all_m, counts)])
+    local = torch.cat([torch.full((c,), r == rank, dtype=torch.bool, device=feats.device)
+                       for r, c in enumerate(counts)])
+    return g_feats, g_meta, local
+
+
+def soft_targets(positive: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """(N, N) symmetric bool "pair j is a positive of row i" -> targets, each row divided by its sum.
+
+    As the mask is symmetric, row j of the result is also the target of text row j (t2i)."""
+    targets = positive.to(dtype)
+    return targets / targets.sum(dim=1, keepdim=True)
+
+
+def soft_clip_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """``½ (softCE(logits, targets) + softCE(logitsᵀ, targets))``, each the mean over rows of
+    ``-Σ_j targets_ij log_softmax(row i)_j``; ``targets`` from :func:`soft_targets`."""
+    loss_i2t = -(targets * F.log_softmax(logits, dim=1)).sum(dim=1).mean()
+    loss_t2i = -(targets * F.log_softmax(logits.T, dim=1)).sum(dim=1).mean()
+    return 0.5 * (loss_i2t + loss_t2i)
+
+
 class AnatomyContrastiveLoss(nn.Module):
     """Spec §5 loss. ``rank``/``world_size`` come from the caller (no global lookups in forward).
 
@@ -60,38 +109,6 @@ class AnatomyContrastiveLoss(nn.Module):
     def _name(self, o: int) -> str:
         return self.anatomy_names[o] if self.anatomy_names is not None else str(o)
 
-    def _gather(
-        self, feats: torch.Tensor, meta: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Gather (P_r, 2E) features and (P_r, 3) int64 metadata of all ranks.
-
-        Returns (global feats with this rank's rows = the local tensor, global meta,
-        (N,) bool "row is local")."""
-        if not _dist_ready(self.world_size):
-            return feats, meta, torch.ones(feats.shape[0], dtype=torch.bool, device=feats.device)
-        n = torch.tensor([feats.shape[0]], dtype=torch.int64, device=feats.device)
-        counts_t = [torch.zeros_like(n) for _ in range(self.world_size)]
-        dist.all_gather(counts_t, n)
-        counts = [int(c.item()) for c in counts_t]
-        m = max(counts)
-        if m == 0:
-            empty = torch.zeros(0, dtype=torch.bool, device=feats.device)
-            return feats, meta, empty
-        pad_f = feats.new_zeros((m, feats.shape[1]))
-        pad_f[: feats.shape[0]] = feats.detach()
-        pad_m = meta.new_zeros((m, meta.shape[1]))
-        pad_m[: meta.shape[0]] = meta
-        all_f = [torch.zeros_like(pad_f) for _ in range(self.world_size)]
-        all_m = [torch.zeros_like(pad_m) for _ in range(self.world_size)]
-        dist.all_gather(all_f, pad_f)
-        dist.all_gather(all_m, pad_m)
-        all_f[self.rank] = feats  # the local slice keeps its gradient
-        g_feats = torch.cat([f[:c] for f, c in zip(all_f, counts)])
-        g_meta = torch.cat([x[:c] for x, c in zip(all_m, counts)])
-        local = torch.cat([torch.full((c,), r == self.rank, dtype=torch.bool, device=feats.device)
-                           for r, c in enumerate(counts)])
-        return g_feats, g_meta, local
-
     def forward(
         self,
         image_feats: torch.Tensor,
@@ -105,49 +122,31 @@ class AnatomyContrastiveLoss(nn.Module):
         """See the class docstring. Runs in float32 with autocast disabled (logits / temp
         and log-softmax in bf16 would lose the precision the soft targets need)."""
         with torch.autocast(device_type=image_feats.device.type, enabled=False):
-            return self._forward(image_feats, text_feats, anatomy_idx, abnormal, text_hash, temp, n_anatomies)
+            image_feats, text_feats, temp = image_feats.float(), text_feats.float(), temp.float()
+            dim = image_feats.shape[1]
+            feats = torch.cat([image_feats, text_feats], dim=1)  # [P, 2E]
+            meta = torch.stack([anatomy_idx.long(), abnormal.long(), text_hash.long()], dim=1)  # [P, 3]
+            g_feats, g_meta, local = gather_rows(feats, meta, self.rank, self.world_size)  # [N, 2E], [N, 3], [N]
+            g_anat, g_abn, g_hash = g_meta[:, 0], g_meta[:, 1].bool(), g_meta[:, 2]
 
-    def _forward(
-        self,
-        image_feats: torch.Tensor,
-        text_feats: torch.Tensor,
-        anatomy_idx: torch.Tensor,
-        abnormal: torch.Tensor,
-        text_hash: torch.Tensor,
-        temp: torch.Tensor,
-        n_anatomies: int,
-    ) -> dict[str, torch.Tensor]:
-        if image_feats.dtype in (torch.float16, torch.bfloat16):
-            image_feats, text_feats = image_feats.float(), text_feats.float()
-        temp = temp.float()
-        dim = image_feats.shape[1]
-        feats = torch.cat([image_feats, text_feats], dim=1)  # [P, 2E]
-        meta = torch.stack([anatomy_idx.long(), abnormal.long(), text_hash.long()], dim=1)  # [P, 3]
-        g_feats, g_meta, local = self._gather(feats, meta)  # [N, 2E], [N, 3], [N]
-        g_anat, g_abn, g_hash = g_meta[:, 0], g_meta[:, 1].bool(), g_meta[:, 2]
-
-        # zero that keeps backward (and DDP's all-reduce) alive when everything is skipped
-        total = 0.0 * (image_feats.sum() + text_feats.sum()) + 0.0 * temp
-        out: dict[str, torch.Tensor] = {}
-        for o in range(int(n_anatomies)):
-            sel = g_anat == o
-            if not bool((sel & g_abn).any()) or not bool((sel & local).any()):
-                continue
-            v, t = g_feats[sel, :dim], g_feats[sel, dim:]  # [N_o, E]
-            abn, h = g_abn[sel], g_hash[sel]
-            normal = ~abn
-            n_o = v.shape[0]
-            targets = (torch.eye(n_o, dtype=torch.bool, device=v.device)
-                       | (normal[:, None] & normal[None, :]) | (h[:, None] == h[None, :]))
-            if bool(targets.all()):
-                continue  # all targets equal: nothing to contrast
-            targets = targets.to(v.dtype)
-            targets = targets / targets.sum(dim=1, keepdim=True)  # symmetric before: same for t2i
-            logits = v @ t.T / temp  # [N_o, N_o] image -> text
-            loss_i2t = -(targets * F.log_softmax(logits, dim=1)).sum(dim=1).mean()
-            loss_t2i = -(targets * F.log_softmax(logits.T, dim=1)).sum(dim=1).mean()
-            loss_o = 0.5 * (loss_i2t + loss_t2i)
-            out[f"loss_{self._name(o)}"] = loss_o.detach()
-            total = total + loss_o
-        out["loss"] = total
-        return out
+            # zero that keeps backward (and DDP's all-reduce) alive when everything is skipped
+            total = 0.0 * (image_feats.sum() + text_feats.sum()) + 0.0 * temp
+            out: dict[str, torch.Tensor] = {}
+            for o in range(int(n_anatomies)):
+                sel = g_anat == o
+                if not bool((sel & g_abn).any()) or not bool((sel & local).any()):
+                    continue
+                v, t = g_feats[sel, :dim], g_feats[sel, dim:]  # [N_o, E]
+                abn, h = g_abn[sel], g_hash[sel]
+                normal = ~abn
+                n_o = v.shape[0]
+                positive = (torch.eye(n_o, dtype=torch.bool, device=v.device)
+                            | (normal[:, None] & normal[None, :]) | (h[:, None] == h[None, :]))
+                if bool(positive.all()):
+                    continue  # all targets equal: nothing to contrast
+                logits = v @ t.T / temp  # [N_o, N_o] image -> text
+                loss_o = soft_clip_loss(logits, soft_targets(positive, v.dtype))
+                out[f"loss_{self._name(o)}"] = loss_o.detach()
+                total = total + loss_o
+            out["loss"] = total
+            return out

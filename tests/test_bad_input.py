@@ -23,7 +23,7 @@ from tests.test_data_pipeline import (all_files, dataset, failures, processed, r
                                       run_step, tmp_files, work)
 from tests.test_eval import _eval_args, eval_setup  # noqa: F401
 from tests.test_metrics import CARDIO, EMPH, LABEL_COLUMNS
-from tests.test_train import NAMES, make_bert, make_cache, make_config
+from tests.conftest import TRAIN_ANATOMIES, make_tiny_preset, make_train_bert, make_train_cache
 
 
 def read_csv(path: Path) -> list[dict[str, str]]:
@@ -229,9 +229,9 @@ def _train_args(cfg: Path, *extra: str):
 
 def test_train_reports_every_missing_input_at_once_and_writes_nothing(tmp_path):
     import train
-    make_cache(tmp_path / "data", 4)
-    make_bert(tmp_path / "bert")
-    cfg = make_config(tmp_path)
+    make_train_cache(tmp_path / "data", 4)
+    make_train_bert(tmp_path / "bert")
+    cfg = make_tiny_preset(tmp_path)
     (tmp_path / "data" / "conc_info.json").unlink()
     (tmp_path / "data" / "desc_info.json").write_text("{not json")
     next((tmp_path / "data" / "processed_train_masks").glob("*/*/*.nii")).unlink()
@@ -248,8 +248,8 @@ def test_train_reports_every_missing_input_at_once_and_writes_nothing(tmp_path):
 
 def test_train_data_root_is_not_the_code_package(tmp_path, monkeypatch):
     import train
-    make_bert(tmp_path / "bert")
-    cfg = make_config(tmp_path)
+    make_train_bert(tmp_path / "bert")
+    cfg = make_tiny_preset(tmp_path)
     monkeypatch.chdir(tmp_path)  # no data/ here: "data" falls back to the repository's code package
     with pytest.raises(train.SetupError, match=r"the code package data/, not a data root.*--data-root"):
         train.train(_train_args(cfg, "--data-root", "data"))
@@ -257,9 +257,9 @@ def test_train_data_root_is_not_the_code_package(tmp_path, monkeypatch):
 
 def test_failed_start_leaves_no_config_and_the_next_start_runs(tmp_path):
     import train
-    make_cache(tmp_path / "data", 4)
-    make_bert(tmp_path / "bert")
-    cfg = make_config(tmp_path)
+    make_train_cache(tmp_path / "data", 4)
+    make_train_bert(tmp_path / "bert")
+    cfg = make_tiny_preset(tmp_path)
     with pytest.raises(train.SetupError, match="lower --batch-size"):  # fails after the input checks
         train.train(_train_args(cfg, "--batch-size", "8"))
     assert not (tmp_path / "out").exists()
@@ -273,9 +273,9 @@ def test_failed_start_leaves_no_config_and_the_next_start_runs(tmp_path):
 
 def test_second_training_run_on_one_output_dir_exits_2(tmp_path, caplog):
     import train
-    make_cache(tmp_path / "data", 4)
-    make_bert(tmp_path / "bert")
-    cfg = make_config(tmp_path)
+    make_train_cache(tmp_path / "data", 4)
+    make_train_bert(tmp_path / "bert")
+    cfg = make_tiny_preset(tmp_path)
     with run_lock(tmp_path / "out" / train.RUN_LOCK, "a first run"):
         assert train.main(["--config", str(cfg), "--resume"]) == 2
     assert any("in use by another run" in m for m in errors(caplog))
@@ -284,9 +284,9 @@ def test_second_training_run_on_one_output_dir_exits_2(tmp_path, caplog):
 
 def test_resume_keeps_one_log_line_per_step(tmp_path):
     import train
-    make_cache(tmp_path / "data", 6)
-    make_bert(tmp_path / "bert")
-    cfg = make_config(tmp_path)
+    make_train_cache(tmp_path / "data", 6)
+    make_train_bert(tmp_path / "bert")
+    cfg = make_tiny_preset(tmp_path)
     train.train(_train_args(cfg, "--output-dir", str(tmp_path / "a")))
     shutil.copytree(tmp_path / "a", tmp_path / "b")
     (tmp_path / "b" / "checkpoint_1.pth").unlink()  # killed after logging epoch 1, before its checkpoint
@@ -303,9 +303,9 @@ def test_zero_byte_checkpoint_is_named(tmp_path, caplog):
     (tmp_path / "checkpoint_0.pth").write_bytes(b"")
     with pytest.raises(CheckpointError, match=r"is empty \(0 bytes"):
         load_checkpoint(tmp_path / "checkpoint_0.pth")
-    make_cache(tmp_path / "data", 4)
-    make_bert(tmp_path / "bert")
-    cfg = make_config(tmp_path)
+    make_train_cache(tmp_path / "data", 4)
+    make_train_bert(tmp_path / "bert")
+    cfg = make_tiny_preset(tmp_path)
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "checkpoint_0.pth").write_bytes(b"")
     assert train.main(["--config", str(cfg), "--resume"]) == 2
@@ -314,21 +314,21 @@ def test_zero_byte_checkpoint_is_named(tmp_path, caplog):
 
 def test_report_gaps_are_counted_per_file_and_anatomy(tmp_path, caplog):
     from data.dataset import CTRateTrainDataset
-    root = make_cache(tmp_path / "data", 4)
+    root = make_train_cache(tmp_path / "data", 4)
     conc = json.loads((root / "conc_info.json").read_text())
     desc = json.loads((root / "desc_info.json").read_text())
     del conc["train_1_a"]  # in desc_info only
-    desc["train_2_a"][NAMES[0]] = "  "
-    desc["train_3_a"][NAMES[0]] = None
-    desc["train_3_a"][NAMES[1]] = ""
+    desc["train_2_a"][TRAIN_ANATOMIES[0]] = "  "
+    desc["train_3_a"][TRAIN_ANATOMIES[0]] = None
+    desc["train_3_a"][TRAIN_ANATOMIES[1]] = ""
     (root / "conc_info.json").write_text(json.dumps(conc))
     (root / "desc_info.json").write_text(json.dumps(desc))
     caplog.set_level("WARNING")
-    CTRateTrainDataset(root, anatomy_names=NAMES, crop_size=(8, 16, 16))
+    CTRateTrainDataset(root, anatomy_names=TRAIN_ANATOMIES, crop_size=(8, 16, 16))
     warned = [r.getMessage() for r in caplog.records]
     assert any(m.startswith("conc_info.json lacks 1 of 4 scans") and "train_1_a" in m for m in warned)
     assert not any(m.startswith("desc_info.json lacks") for m in warned)
-    assert any(m.startswith("desc_info.json has empty or blank entries") and m.endswith(f"{NAMES[0]} 2, {NAMES[1]} 1")
+    assert any(m.startswith("desc_info.json has empty or blank entries") and m.endswith(f"{TRAIN_ANATOMIES[0]} 2, {TRAIN_ANATOMIES[1]} 1")
                for m in warned)
 
 
@@ -366,8 +366,8 @@ def test_eval_and_calc_metrics_find_default_paths_from_the_repository_root(eval_
     (repo / "preset.yaml").write_text(yaml.safe_dump(cfg))
     monkeypatch.setattr(utils.config, "REPO_ROOT", repo)
     monkeypatch.chdir(tmp_path)  # neither data/ nor run/ here
-    assert eval_cli.main(["--config", "preset.yaml", "--items", "items.yaml", "--output", "res/pred.csv",
-                          "--no-progress"]) == 0
+    assert eval_cli.main(["--config", "preset.yaml", "--items", "items.yaml", "--csv_file", "res/pred.csv",
+                          "--no-pbar"]) == 0
     labels = pd.DataFrame({"VolumeName": pd.read_csv(tmp_path / "res" / "pred.csv")["file_name"]})
     for column in LABEL_COLUMNS:
         labels[column] = [0, 1, 0]

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from models.fvlm import FVLM
 from models.text_encoder import TextEncoderError, build_text_encoder, load_text_encoder
 from models.vit3d import VisionTransformer3D
-from tests.test_models_fvlm import make_tiny_bert_dir
+from tests.conftest import make_tiny_bert
 from utils.checkpoint import (
     RELEASE_RENAMES, CheckpointError, from_release_state_dict, load_checkpoint, load_mae_into_vit,
     load_model_state, save_checkpoint, to_release_state_dict,
@@ -22,7 +22,7 @@ def _tiny_model(tmp_path, seed=0):
     torch.manual_seed(seed)
     vit = VisionTransformer3D(img_size=(16, 16, 24), patch_size=(8, 8, 8), embed_dim=32, depth=2, num_heads=2,
                               out_indices=(0, 0, 1))
-    bert, _ = build_text_encoder(make_tiny_bert_dir(tmp_path / "bert"), pretrained=False)
+    bert, _ = build_text_encoder(make_tiny_bert(tmp_path / "bert"), pretrained=False)
     return FVLM(vit, bert, n_anatomies=2)
 
 
@@ -149,9 +149,9 @@ def test_load_checkpoint_refuses_pickled_objects(tmp_path):
 
 # ---------------------------------------------------------------- text encoder directories
 def test_cxr_bert_format_directory_loads_offline(tmp_path):
-    plain = make_tiny_bert_dir(tmp_path / "plain", with_weights=True)
+    plain = make_tiny_bert(tmp_path / "plain", with_weights=True)
     ref, tok_ref = load_text_encoder(plain)  # plain local BERT dir
-    cxr = make_tiny_bert_dir(tmp_path / "cxr")
+    cxr = make_tiny_bert(tmp_path / "cxr")
     cfg = json.loads((cxr / "config.json").read_text())
     cfg.update(model_type="cxr-bert", architectures=["CXRBertModel"], projection_size=16,
                auto_map={"AutoConfig": "configuration_cxrbert.CXRBertConfig",
@@ -180,7 +180,7 @@ def test_cxr_bert_format_directory_loads_offline(tmp_path):
 def test_text_encoder_missing_files(tmp_path):
     with pytest.raises(TextEncoderError, match="BiomedVLP-CXR-BERT-specialized"):
         load_text_encoder(tmp_path / "absent")
-    d = make_tiny_bert_dir(tmp_path / "noweights")
+    d = make_tiny_bert(tmp_path / "noweights")
     with pytest.raises(TextEncoderError, match="pytorch_model.bin"):
         load_text_encoder(d)
     model, tok = build_text_encoder(d, pretrained=False)  # random init from config is fine

@@ -290,6 +290,7 @@ def test_second_run_skips_and_changes_nothing(processed, tmp_path, caplog):
     assert all_files(root) == before
 
 
+@pytest.mark.slow  # 5.8 s
 def test_killed_write_leaves_no_final_file_and_rerun_is_correct(processed, work, monkeypatch):
     for step in ("fix", "mask", "resize"):
         assert run_step(step, work) == 0

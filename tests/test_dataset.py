@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from data.io import scale_hu, write_volume
+from data.io import scale_hu
 from data.dataset import CTRateTrainDataset, SampleReadError, collate, scan_id_of, usable_anatomies
 from data.texts import text_hash
+from tests.conftest import write_cache_case
 
 NAMES = ["lung", "heart", "esophagus", "aorta"]
 SHAPE = (12, 20, 24)  # (D, H, W)
@@ -26,11 +27,8 @@ def _volume(seed: int):
 
 
 def _write(root: Path, split: str, name: str, seed: int):
-    stem = name[:-len(".nii.gz")]
-    scan, patient = stem.rsplit("_", 1)[0], stem.rsplit("_", 2)[0]
     image, mask = _volume(seed)
-    write_volume(root / f"processed_{split}_images" / patient / scan / f"{stem}.nii", image, (1.0, 1.0, 3.0))
-    write_volume(root / f"processed_{split}_masks" / patient / scan / f"{stem}.nii", mask, (1.0, 1.0, 3.0))
+    write_cache_case(root, split, name, image, mask, (1.0, 1.0, 3.0))
     return image, mask
 
 

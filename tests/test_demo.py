@@ -12,7 +12,7 @@ from data.io import list_volumes
 REPO = Path(__file__).resolve().parents[1]
 # Abnormalities that change an anatomy as a whole: an enlarged heart, a fluid rim around it, a
 # stomach above the diaphragm, hyperlucent and hyperinflated lungs. The demo scores them at
-# 0.95-1.0 (README); chance is 0.5 with a standard error of ~0.035 on the ~270 validation volumes.
+# 0.95-1.0 (docs/demo-findings.md); chance is 0.5 with a standard error of ~0.035 on the ~270 validation volumes.
 WHOLE_ANATOMY = ["Cardiomegaly", "Pericardial effusion", "Hiatal hernia", "Emphysema"]
 
 

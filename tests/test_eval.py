@@ -14,11 +14,12 @@ import pytest
 import torch
 import yaml
 
-from models.zeroshot import ZeroShotItem, ZeroShotScorer, anatomy_window, crop_anatomy_window, pad_to_multiple
+from tests.conftest import make_tiny_bert, write_cache_case
+from zeroshot import ZeroShotItem, ZeroShotScorer, anatomy_window, crop_anatomy_window, pad_to_multiple
 
 REPO = Path(__file__).resolve().parents[1]
-REFERENCE_CSV = REPO.parent / "shared" / "reference" / "fvlm_release_valid_probs.csv"
-# header of the release's prediction CSV (../shared/reference/fvlm_release_valid_probs.csv)
+REFERENCE_CSV = REPO / "tests" / "data" / "fvlm_release_valid_probs.csv"
+# header of the release's prediction CSV (REFERENCE_CSV)
 RELEASE_HEADER = (
     "file_name,lung_Emphysema_Not Emphysema._Emphysema.,lung_Atelectasis_Not Atelectatic._Atelectatic.,"
     "lung_Lung nodule_Not Nodule._Nodule.,lung_Lung opacity_Not Opacity._Opacity.,"
@@ -162,19 +163,18 @@ def test_scorer_rejects_unknown_anatomy():
 # ----------------------------------------------------------------------------- CSV format
 
 def test_default_items_give_the_release_header():
-    from utils.zeroshot import load_items
+    from zeroshot import load_items
 
     roi, items = load_items(REPO / "configs" / "zeroshot_items.yaml")
     assert roi == ROI
     assert ",".join(["file_name"] + [i.column for i in items]) == RELEASE_HEADER
-    if REFERENCE_CSV.is_file():
-        with open(REFERENCE_CSV) as f:
-            assert next(csv.reader(f)) == RELEASE_HEADER.split(",")
+    with open(REFERENCE_CSV) as f:
+        assert next(csv.reader(f)) == RELEASE_HEADER.split(",")
 
 
 def test_demo_items_are_the_spec_items_with_prompts_the_synthetic_reports_use():
     from data.synthetic import ABSENT_DESC, CONC, SIMULATED
-    from utils.zeroshot import load_items
+    from zeroshot import load_items
 
     roi, spec = load_items(REPO / "configs" / "zeroshot_items.yaml")
     demo_roi, demo = load_items(REPO / "configs" / "zeroshot_items_demo.yaml")
@@ -194,7 +194,7 @@ def test_demo_items_are_the_spec_items_with_prompts_the_synthetic_reports_use():
 
 
 def test_prediction_csv_sorted_with_empty_cells_for_absent_anatomy(tmp_path):
-    from utils.zeroshot import load_items, write_prediction_csv
+    from zeroshot import load_items, write_prediction_csv
 
     _, items = load_items(REPO / "configs" / "zeroshot_items.yaml")
     lung = {i.column: 0.25 for i in items if i.anatomy == "lung"}
@@ -217,25 +217,11 @@ ITEMS_ROI = [16, 24, 32]
 
 
 def _tiny_bert(folder: Path) -> Path:
-    from utils.zeroshot import load_items
+    from zeroshot import load_items
 
     _, items = load_items(REPO / "configs" / "zeroshot_items.yaml")
     words = sorted({w for i in items for t in (i.negative, i.positive) for w in t.lower().replace(".", " ").split()})
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ".", *words]) + "\n")
-    (folder / "config.json").write_text(json.dumps(dict(
-        model_type="bert", vocab_size=6 + len(words), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-        intermediate_size=32, max_position_embeddings=64, type_vocab_size=2)))
-    return folder
-
-
-def _write_case(root: Path, name: str, hu: np.ndarray, mask: np.ndarray) -> None:
-    from data.io import write_volume
-
-    stem = name[: -len(".nii.gz")]
-    rel = Path(stem.rsplit("_", 2)[0], stem.rsplit("_", 1)[0], stem + ".nii")
-    write_volume(root / "processed_valid_images" / rel, hu, (4.0, 4.0, 8.0))
-    write_volume(root / "processed_valid_masks" / rel, mask, (4.0, 4.0, 8.0))
+    return make_tiny_bert(folder, [".", *words], hidden=16, layers=1)
 
 
 def _fake_case(seed: int, with_heart: bool = True) -> tuple[np.ndarray, np.ndarray]:
@@ -253,9 +239,9 @@ def _fake_case(seed: int, with_heart: bool = True) -> tuple[np.ndarray, np.ndarr
 @pytest.fixture(scope="module")
 def eval_setup(tmp_path_factory):
     """Tiny preset + random model checkpoint (utils.checkpoint) + fake processed cache of 3 volumes."""
-    from models.fvlm import build_fvlm
-    from models.text_encoder import build_text_encoder
+    from models.builder import build_model
     from utils.checkpoint import save_checkpoint
+    from utils.preset import load_preset
 
     tmp = tmp_path_factory.mktemp("eval")
     bert = _tiny_bert(tmp / "bert")
@@ -270,19 +256,19 @@ def eval_setup(tmp_path_factory):
     (tmp / "items.yaml").write_text(yaml.safe_dump(items))
 
     torch.manual_seed(0)
-    text_encoder, _ = build_text_encoder(bert, pretrained=False)
-    model = build_fvlm(cfg["model"], img_size=cfg["data"]["crop_size"], text_encoder=text_encoder, n_anatomies=4)
+    preset = load_preset(tmp / "preset.yaml")
+    model, _ = build_model(preset.model, img_size=preset.data.crop_size, n_anatomies=4, text_encoder_dir=bert)
     with torch.no_grad():
         model.query_tokens.normal_()  # zero queries would pool every window to the same mean
     save_checkpoint(tmp / "run" / "checkpoint_3.pth", model=model, epoch=3, config=cfg)
     for i, heart in ((1, True), (2, False), (10, True)):
-        _write_case(tmp / "data", f"valid_{i}_a_1.nii.gz", *_fake_case(i, heart))
+        write_cache_case(tmp / "data", "valid", f"valid_{i}_a_1.nii.gz", *_fake_case(i, heart))
     return tmp
 
 
 def _eval_args(tmp: Path, out: Path) -> list[str]:
-    return ["--config", str(tmp / "preset.yaml"), "--items", str(tmp / "items.yaml"), "--output", str(out),
-            "--no-progress"]
+    return ["--config", str(tmp / "preset.yaml"), "--items", str(tmp / "items.yaml"), "--csv_file", str(out),
+            "--no-pbar"]
 
 
 def test_eval_end_to_end_on_a_fake_cache(eval_setup, tmp_path):
@@ -307,12 +293,11 @@ def test_eval_end_to_end_on_a_fake_cache(eval_setup, tmp_path):
 
     # the same numbers from the scorer used directly on one volume (the code predict.py shares)
     from data.io import scale_hu
-    from models.zeroshot import ZeroShotScorer, prompt_features
-    from utils.zeroshot import load_eval_model, load_items
+    from utils.preset import load_preset
+    from zeroshot import ZeroShotScorer, load_eval_model, load_items, prompt_features
 
-    cfg = yaml.safe_load((eval_setup / "preset.yaml").read_text())
-    model, tok = load_eval_model(cfg, eval_setup / "run" / "checkpoint_3.pth", n_anatomies=4,
-                                 text_encoder_dir=cfg["paths"]["text_encoder"], device=torch.device("cpu"))
+    model, tok = load_eval_model(load_preset(eval_setup / "preset.yaml"), eval_setup / "run" / "checkpoint_3.pth",
+                                 torch.device("cpu"))
     roi, items = load_items(eval_setup / "items.yaml")
     scorer = ZeroShotScorer(model, items, ["lung", "heart", "esophagus", "aorta"],
                             prompt_features(model, tok, items, 16, torch.device("cpu")), roi,
@@ -356,7 +341,7 @@ def test_default_output_name_comes_from_the_checkpoint(eval_setup, tmp_path, mon
     import eval as eval_cli
 
     monkeypatch.chdir(tmp_path)
-    args = ["--config", str(eval_setup / "preset.yaml"), "--items", str(eval_setup / "items.yaml"), "--no-progress"]
+    args = ["--config", str(eval_setup / "preset.yaml"), "--items", str(eval_setup / "items.yaml"), "--no-pbar"]
     assert eval_cli.main(args) == 0
     assert (tmp_path / "res" / "checkpoint_3.csv").is_file()
 
@@ -449,8 +434,8 @@ def test_predict_shares_eval_scoring(eval_setup, tmp_path, capsys):
     import predict as predict_cli
     from data.io import scale_hu
     from data.common import load_pipeline_config
-    from models.zeroshot import ZeroShotScorer, prompt_features
-    from utils.zeroshot import load_eval_model, load_items
+    from utils.preset import load_preset
+    from zeroshot import ZeroShotScorer, load_eval_model, load_items, prompt_features
 
     hu, labels = _phantom_ct()
     lps = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
@@ -483,9 +468,8 @@ def test_predict_shares_eval_scoring(eval_setup, tmp_path, capsys):
                                                 sitk.ReadImage(str(tmp_path / "seg_ras.nii.gz")), pipe)
     np.testing.assert_array_equal(ras_hu, want_hu)
     np.testing.assert_array_equal(ras_mask, want_mask)
-    cfg = yaml.safe_load((eval_setup / "preset.yaml").read_text())
-    model, tok = load_eval_model(cfg, eval_setup / "run" / "checkpoint_3.pth", n_anatomies=4,
-                                 text_encoder_dir=cfg["paths"]["text_encoder"], device=torch.device("cpu"))
+    model, tok = load_eval_model(load_preset(eval_setup / "preset.yaml"), eval_setup / "run" / "checkpoint_3.pth",
+                                 torch.device("cpu"))
     roi, items = load_items(eval_setup / "items.yaml")
     scorer = ZeroShotScorer(model, items, pipe.anatomy_names, prompt_features(model, tok, items, 16, torch.device("cpu")),
                             roi, torch.device("cpu"), transform=lambda x: scale_hu(x, pipe.hu_window))

@@ -217,7 +217,7 @@ def test_probe_separates_a_linearly_coded_finding_and_not_noise(tmp_path):
 # ----------------------------------------------------------------------------- embed, retrieval, probe CLIs
 
 def _model_args(tmp: Path) -> list[str]:
-    return ["--config", str(tmp / "preset.yaml"), "--items", str(tmp / "items.yaml"), "--no-progress"]
+    return ["--config", str(tmp / "preset.yaml"), "--items", str(tmp / "items.yaml"), "--no-pbar"]
 
 
 def test_embed_is_resumable_and_equals_a_full_run(eval_setup, tmp_path, monkeypatch):  # noqa: F811
@@ -302,7 +302,7 @@ def test_external_set_end_to_end_through_the_pipeline_and_every_evaluation(eval_
 
     model = _model_args(eval_setup) + ["--data-root", str(root)]
     pred = tmp_path / "res" / "external.csv"
-    assert eval_cli.main(model + ["--output", str(pred)]) == 0
+    assert eval_cli.main(model + ["--csv_file", str(pred)]) == 0
     assert len(pd.read_csv(pred)) == 6
     labels_map = REPO / "configs" / "labels" / "synthetic_external.yaml"
     assert calc_metrics.main(["--csv_file", str(pred), "--labels", str(ext / "labels.csv"),

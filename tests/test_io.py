@@ -51,3 +51,16 @@ def test_write_volume_sets_the_gzip_level_per_file_not_globally(tmp_path):
     assert (tmp_path / "stored.nii.gz").stat().st_size > 4 * (tmp_path / "deflated.nii.gz").stat().st_size
     for name in ("stored.nii.gz", "deflated.nii.gz"):
         assert np.array_equal(np.asarray(nib.load(tmp_path / name).dataobj).T, array)
+
+
+def test_dicom_io_keeps_the_process_locale(tmp_path):
+    """ITK's DICOM I/O sets the C locale, after which open() reads UTF-8 configs as ASCII."""
+    import locale
+
+    from data.import_ct import read_dicom_series
+    from data.synthetic_external import write_dicom_series
+
+    before = locale.setlocale(locale.LC_ALL)
+    write_dicom_series(tmp_path / "series", np.zeros((3, 8, 8), np.int16), (1.0, 1.0, 2.0), (0.0, 0.0, 0.0))
+    assert read_dicom_series(tmp_path / "series").GetSize() == (8, 8, 3)
+    assert locale.setlocale(locale.LC_ALL) == before

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from models.loss import AnatomyContrastiveLoss
+from models.loss import AnatomyContrastiveLoss, soft_clip_loss, soft_targets
 
 E3 = torch.eye(3)
 
@@ -73,3 +73,19 @@ def test_all_skipped_gives_connected_zero():
     out = AnatomyContrastiveLoss()(empty, empty, torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.bool),
                                    torch.zeros(0, dtype=torch.int64), temp, 2)
     assert out["loss"].item() == 0.0
+
+
+def test_soft_clip_loss_hand_example():
+    # logits [[2, 0], [1, 0]], identity targets.
+    # i2t rows: -log softmax([2, 0])[0] = log(1 + e^-2); -log softmax([1, 0])[1] = log(1 + e).
+    # t2i rows (logits^T = [[2, 1], [0, 0]]): log(1 + e^-1); log 2.
+    logits = torch.tensor([[2.0, 0.0], [1.0, 0.0]])
+    want = 0.5 * ((math.log(1 + math.exp(-2)) + math.log(1 + math.e)) / 2
+                  + (math.log(1 + math.exp(-1)) + math.log(2)) / 2)
+    assert soft_clip_loss(logits, soft_targets(torch.eye(2, dtype=torch.bool))).item() == pytest.approx(want)
+
+
+def test_soft_targets_divide_each_row_by_its_positives():
+    positive = torch.tensor([[1, 1, 0], [1, 1, 1], [0, 1, 1]], dtype=torch.bool)
+    want = torch.tensor([[1 / 2, 1 / 2, 0], [1 / 3, 1 / 3, 1 / 3], [0, 1 / 2, 1 / 2]])
+    torch.testing.assert_close(soft_targets(positive), want)

@@ -6,6 +6,7 @@ single-process one, except ``temp`` (each rank differentiates it in full), which
 """
 import os
 
+import pytest
 import torch
 import torch.multiprocessing as mp
 import torch.nn.functional as F
@@ -65,6 +66,7 @@ def _worker(rank: int, init_file: str, ref: dict):
     os._exit(0)
 
 
+@pytest.mark.slow  # 13 s: two spawned processes
 def test_two_rank_loss_and_gradients_match_single_process(tmp_path):
     step = _Step()
     xi, xt, anat, abn, hashes, _ = _data()

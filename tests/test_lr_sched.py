@@ -5,8 +5,10 @@ import pytest
 import torch
 
 from utils.lr_sched import apply_lr, lr_at
+from utils.preset import OptimConfig
 
-CFG = {"lr": 1e-4, "min_lr": 1e-6, "warmup_lr": 1e-6, "warmup_steps": 377, "epochs": 20}
+CFG = OptimConfig(lr=1e-4, min_lr=1e-6, warmup_lr=1e-6, warmup_steps=377, epochs=20, betas=(0.9, 0.999),
+                  weight_decay=0.01, batch_size=14, accum_steps=1, amp="none")
 
 
 def test_first_step():

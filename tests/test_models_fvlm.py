@@ -1,42 +1,22 @@
 """FVLM: anatomy token masks, batched pooling == per-pair loop, text dedupe/padding, template stripping."""
-import json
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import BertConfig, BertModel
 
 from models.fvlm import FVLM, anatomy_token_masks
 from models.text_encoder import build_text_encoder
 from models.vit3d import VisionTransformer3D
+from tests.conftest import REPO_ROOT as REPO, make_tiny_bert
 
-WORDS = ("lung heart aorta esophagus shows no significant abnormalities nodule emphysema "
-         "opacity effusion pleural cardiomegaly calcification hernia hiatal wall arterial small large "
-         "left right upper lower lobe in the a of and is are there").split()
-
-
-def make_tiny_bert_dir(path: Path, *, hidden: int = 32, with_weights: bool = False, seed: int = 0) -> Path:
-    """A tiny BERT directory: hand-written vocab.txt, config.json, tokenizer_config.json."""
-    path.mkdir(parents=True, exist_ok=True)
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ".", ",", *WORDS, "##s", "##ed"]
-    (path / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    cfg = BertConfig(vocab_size=len(vocab), hidden_size=hidden, num_hidden_layers=2, num_attention_heads=2,
-                     intermediate_size=2 * hidden, max_position_embeddings=64,
-                     hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1)
-    cfg.save_pretrained(path)
-    (path / "tokenizer_config.json").write_text(json.dumps({"do_lower_case": True, "model_max_length": 64}))
-    if with_weights:
-        torch.manual_seed(seed)
-        BertModel(cfg, add_pooling_layer=False).save_pretrained(path)
-    return path
 
 
 def tiny_fvlm(tmp_path: Path, n_anatomies: int = 3) -> tuple[FVLM, object]:
     torch.manual_seed(0)
     vit = VisionTransformer3D(img_size=(16, 16, 24), patch_size=(8, 8, 8), embed_dim=32, depth=2, num_heads=2,
                               out_indices=(0, 0, 1))
-    bert, tok = build_text_encoder(make_tiny_bert_dir(tmp_path / "bert"), pretrained=False)
+    bert, tok = build_text_encoder(make_tiny_bert(tmp_path / "bert"), pretrained=False)
     model = FVLM(vit, bert, n_anatomies=n_anatomies)
     with torch.no_grad():
         model.query_tokens.normal_()  # zero queries make every attention uniform: test something sharper
@@ -173,3 +153,30 @@ def test_forward_train_selects_usable_pairs(tmp_path):
     assert out["text_hash"].tolist() == [text_hash(raw[s][a]) for s, a in pairs]
     assert out["abnormal"].tolist() == [False, False, True, True, False]
     assert out["image_feats"].shape == (5, 256)
+
+
+def test_text_encoder_weights_come_from_one_decision(tmp_path):
+    """models.builder's table: the directory's weights at training start when pretrained, and from a
+    checkpoint only when frozen (frozen weights are not saved); a frozen random BERT is refused."""
+    from dataclasses import replace
+
+    from models.builder import build_model, text_weights_from_directory
+    from utils.preset import load_preset
+
+    demo = load_preset(REPO / "configs" / "demo.yaml").model  # pretrained + frozen
+    trained = replace(demo, freeze_text_encoder=False)
+    scratch = replace(trained, text_pretrained=False)
+    assert [text_weights_from_directory(m, from_checkpoint=False) for m in (demo, trained, scratch)] == [True, True, False]
+    assert [text_weights_from_directory(m, from_checkpoint=True) for m in (demo, trained, scratch)] == [True, False, False]
+    with pytest.raises(ValueError, match="text_pretrained"):
+        replace(demo, text_pretrained=False)
+
+    bert = make_tiny_bert(tmp_path / "bert", with_weights=True, seed=3)
+    tiny = dict(patch_size=(8, 8, 8), embed_dim=32, depth=2, num_heads=2, out_indices=(0, 1))
+    model, _ = build_model(replace(demo, **tiny), img_size=(16, 16, 24), n_anatomies=2, text_encoder_dir=bert)
+    loaded = model.text_encoder.embeddings.word_embeddings.weight
+    assert not loaded.requires_grad
+    torch.manual_seed(0)
+    model, _ = build_model(replace(scratch, **tiny), img_size=(16, 16, 24), n_anatomies=2, text_encoder_dir=bert)
+    assert model.text_encoder.embeddings.word_embeddings.weight.requires_grad
+    assert not torch.equal(model.text_encoder.embeddings.word_embeddings.weight, loaded)

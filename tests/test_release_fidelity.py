@@ -307,7 +307,7 @@ def test_v2_files_under_the_raw_folder_are_not_rescaled_twice(v1_v2_roots, tmp_p
 def test_synthetic_cli_writes_the_v2_layout(tmp_path):
     from data import synthetic
 
-    assert synthetic.main(["--out", str(tmp_path), "--n-train", "1", "--n-valid", "1", "--ctrate-version", "2"]) == 0
+    assert synthetic.main(["--data-root", str(tmp_path), "--n-train", "1", "--n-valid", "1", "--ctrate-version", "2"]) == 0
     assert not (tmp_path / "train").exists() and not (tmp_path / "valid").exists()
     fixed = sorted(p.name for p in (tmp_path / "valid_fixed").glob("*/*/*.nii.gz"))
     assert fixed and all(sitk.ReadImage(str(p)).GetPixelID() == sitk.sitkInt16

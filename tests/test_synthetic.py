@@ -10,6 +10,7 @@ import SimpleITK as sitk
 import yaml
 
 from data import synthetic as syn
+from data.texts import compose_anatomy_text, is_abnormal
 
 N_TRAIN, N_VALID = 3, 3
 
@@ -58,7 +59,7 @@ def test_layout_and_columns(dataset):
 
 def test_deterministic_and_workers_independent(dataset, tmp_path):
     root, _ = dataset
-    assert syn.main(["--out", str(tmp_path), "--n-train", str(N_TRAIN), "--n-valid", str(N_VALID),
+    assert syn.main(["--data-root", str(tmp_path), "--n-train", str(N_TRAIN), "--n-valid", str(N_VALID),
                      "--seed", "3", "--workers", "2"]) == 0
     assert _files(root) == _files(tmp_path)
 
@@ -107,15 +108,6 @@ def test_labels_use_package_ids_and_cover_anatomies(dataset, anatomies):
         assert needed <= present, f"{v['name']} misses {needed - present}"
 
 
-def _anatomy_text(scan: str, anatomy: str, desc: dict, conc: dict) -> str:
-    """Spec §3 composition (as data/texts.py does it)."""
-    c = conc.get(scan, {}).get(anatomy)
-    c = (c if c.endswith(".") else c + ".") if c else syn.normal_template(anatomy)
-    d = desc.get(scan, {}).get(anatomy, "")
-    d = d if not d or d.endswith(".") else d + "."
-    return "".join(ch for ch in c + d if ch not in "\"'()")
-
-
 def test_texts_consistent_with_labels(dataset, anatomies):
     root, manifest = dataset
     desc = json.loads((root / "desc_info.json").read_text())
@@ -129,10 +121,9 @@ def test_texts_consistent_with_labels(dataset, anatomies):
         positives = {c for c in syn.LABEL_COLUMNS if row[c] == 1}
         assert positives == set(v["abnormalities"])
         for anatomy, _ in anatomies:
-            text = _anatomy_text(v["scan"], anatomy, desc, conc)
+            text = compose_anatomy_text(v["scan"], anatomy, desc, conc)
             own = {a for a in positives if syn.SIMULATED[a][0] == anatomy}
-            abnormal = not text.startswith(syn.normal_template(anatomy))
-            assert abnormal == bool(own), (v["scan"], anatomy, text)
+            assert is_abnormal(text, anatomy) == bool(own), (v["scan"], anatomy, text)
             impression = conc.get(v["scan"], {}).get(anatomy, "").lower()
             for abn, (owner, _) in syn.SIMULATED.items():
                 if owner == anatomy:  # the impression names exactly the present abnormalities

@@ -1,5 +1,4 @@
-"""Text pre-training (models/text_pretrain.py, pretrain_text.py) and a frozen pre-trained text
-encoder in training and evaluation."""
+"""Text pre-training (pretrain_text.py) and a frozen pre-trained text encoder in training and evaluation."""
 import itertools
 
 import numpy as np
@@ -9,11 +8,13 @@ import yaml
 
 import pretrain_text
 import train
+from pretrain_text import pretrain_text_encoder, split_sentences
 from data.synthetic import ABSENT_DESC, CONC
 from models.text_encoder import build_text_encoder, load_text_encoder
-from models.text_pretrain import pretrain_text_encoder, split_sentences
-from tests.test_train import REPO, make_bert, make_cache, make_config
+from tests.conftest import REPO_ROOT as REPO
+from tests.conftest import make_tiny_preset, make_train_bert, make_train_cache
 from utils.checkpoint import load_checkpoint
+from utils.config import ConfigError
 
 FINDINGS = ["Cardiomegaly", "Pericardial effusion", "Coronary artery wall calcification", "Hiatal hernia"]
 
@@ -72,9 +73,9 @@ def test_pretraining_needs_one_batch_of_texts():
 def pretrained_setup(tmp_path):
     """Fake processed cache, tiny BERT config + vocabulary, and a preset whose text_pretrain
     section starts from them and writes tmp/text_encoder."""
-    make_cache(tmp_path / "data", 8)
-    make_bert(tmp_path / "bert")
-    cfg_path = make_config(tmp_path, model={"text_pretrained": True, "freeze_text_encoder": True})
+    make_train_cache(tmp_path / "data", 8)
+    make_train_bert(tmp_path / "bert")
+    cfg_path = make_tiny_preset(tmp_path, model={"text_pretrained": True, "freeze_text_encoder": True})
     cfg = yaml.safe_load(cfg_path.read_text())
     cfg["paths"]["text_encoder"] = str(tmp_path / "text_encoder")
     cfg["text_pretrain"] = {"init": str(tmp_path / "bert"), "epochs": 2, "lr": 1e-3, "batch_size": 4,
@@ -86,14 +87,14 @@ def pretrained_setup(tmp_path):
 def test_pretrain_cli_writes_a_bert_directory_and_keeps_it(pretrained_setup):
     tmp, cfg = pretrained_setup
     out = tmp / "text_encoder"
-    assert pretrain_text.main(["--config", str(cfg), "--no-progress"]) == 0
+    assert pretrain_text.main(["--config", str(cfg), "--no-pbar"]) == 0
     encoder, tokenizer = load_text_encoder(out)  # the loader CXR-BERT goes through
     assert tokenizer("Cardiomegaly.")["input_ids"][1] != tokenizer.unk_token_id
     assert not list(tmp.glob(".tmp-*"))
     stamp = (out / "model.safetensors").stat().st_mtime_ns
-    assert pretrain_text.main(["--config", str(cfg), "--no-progress"]) == 0  # kept
+    assert pretrain_text.main(["--config", str(cfg), "--no-pbar"]) == 0  # kept
     assert (out / "model.safetensors").stat().st_mtime_ns == stamp
-    assert pretrain_text.main(["--config", str(cfg), "--no-progress", "--overwrite", "text_pretrain.epochs=1"]) == 0
+    assert pretrain_text.main(["--config", str(cfg), "--no-pbar", "--overwrite", "text_pretrain.epochs=1"]) == 0
     assert (out / "model.safetensors").stat().st_mtime_ns != stamp
 
 
@@ -105,7 +106,7 @@ def test_pretrain_cli_is_repeatable(pretrained_setup):
     weights = []
     for caller_seed in (1, 2):
         torch.manual_seed(caller_seed)  # whatever state the caller left the global generator in
-        assert pretrain_text.main(["--config", str(cfg), "--no-progress", "--overwrite"]) == 0
+        assert pretrain_text.main(["--config", str(cfg), "--no-pbar", "--overwrite"]) == 0
         weights.append(load_file(tmp / "text_encoder" / "model.safetensors"))
     assert weights[0].keys() == weights[1].keys()
     for key in weights[0]:
@@ -121,18 +122,17 @@ def test_pretrain_cli_errors_are_one_line(pretrained_setup, capsys):
 
 
 def test_frozen_text_encoder_is_not_trained_nor_saved_and_eval_loads_it(pretrained_setup):
-    from utils.zeroshot import load_eval_model
+    from utils.preset import load_preset
+    from zeroshot import load_eval_model
 
     tmp, cfg_path = pretrained_setup
-    assert pretrain_text.main(["--config", str(cfg_path), "--no-progress"]) == 0
+    assert pretrain_text.main(["--config", str(cfg_path), "--no-pbar"]) == 0
     assert train.main(["--config", str(cfg_path), "--epochs", "1"]) == 0
     ckpt = load_checkpoint(tmp / "out" / "checkpoint_0.pth")
     assert not any(k.startswith("text_encoder.") for k in ckpt["model"])
     assert any(k.startswith("text_proj.") for k in ckpt["model"])
 
-    cfg = yaml.safe_load(cfg_path.read_text())
-    model, tokenizer = load_eval_model(cfg, tmp / "out" / "checkpoint_0.pth", n_anatomies=4,
-                                       text_encoder_dir=tmp / "text_encoder", device=torch.device("cpu"))
+    model, tokenizer = load_eval_model(load_preset(cfg_path), tmp / "out" / "checkpoint_0.pth", torch.device("cpu"))
     pretrained, _ = load_text_encoder(tmp / "text_encoder")
     for (name, p), (_, q) in zip(model.text_encoder.state_dict().items(), pretrained.state_dict().items()):
         torch.testing.assert_close(p, q, msg=name)
@@ -141,6 +141,6 @@ def test_frozen_text_encoder_is_not_trained_nor_saved_and_eval_loads_it(pretrain
 
 def test_freezing_a_random_text_encoder_is_refused(pretrained_setup):
     tmp, cfg = pretrained_setup
-    with pytest.raises(train.SetupError, match="text_pretrained"):
+    with pytest.raises(ConfigError, match="text_pretrained"):
         train.train(train.get_args_parser().parse_args(
             ["--config", str(cfg), "--text-encoder", str(tmp / "bert"), "model.text_pretrained=false"]))

@@ -95,3 +95,17 @@ def test_checkpoint_with_nonzero_token_type_table_behaves_as_release(tmp_path):
         got = loaded.encode_texts(TEXTS, tokenizer, max_length=32)
         want = reference.encode_texts(TEXTS, tokenizer, max_length=32)
     torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+
+
+def test_model_builder_keeps_the_table_frozen(tmp_path):
+    """Training builds through models.builder: the table stays out of the optimizer there too."""
+    from models.builder import build_model
+    from tests.conftest import make_tiny_preset, make_train_bert
+    from utils.preset import load_preset
+
+    make_train_bert(tmp_path / "bert")
+    preset = load_preset(make_tiny_preset(tmp_path))
+    model, _ = build_model(preset.model, img_size=preset.data.crop_size, n_anatomies=4,
+                           text_encoder_dir=tmp_path / "bert")
+    assert model.text_encoder.embeddings.word_embeddings.weight.requires_grad
+    assert not model.text_encoder.embeddings.token_type_embeddings.weight.requires_grad

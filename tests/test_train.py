@@ -14,76 +14,19 @@ import yaml
 
 import pretrain_text
 import train
-from data.io import write_volume
-from data.common import load_pipeline_config
 from data.dataset import CTRateTrainDataset
+from tests.conftest import TRAIN_ANATOMIES, make_tiny_preset, make_train_bert, make_train_cache
 from utils.checkpoint import load_checkpoint
-from utils.config import load_config, resolve_path
+from utils.preset import load_preset
 
 REPO = Path(__file__).resolve().parents[1]
-NAMES = ["lung", "heart", "esophagus", "aorta"]
-FINDINGS = ["Emphysema.", "Cardiomegaly.", "Hiatal hernia.", "Arterial wall calcification."]
-SHAPE = (10, 20, 20)
-# boxes inside every (8, 16, 16) crop of a (10, 20, 20) volume -> always usable
-BOXES = [(slice(3, 7), slice(5, 10), slice(5, 10)), (slice(3, 7), slice(11, 15), slice(5, 10)),
-         (slice(3, 7), slice(5, 10), slice(11, 15)), (slice(3, 7), slice(11, 15), slice(11, 15))]
-
-
-def make_cache(root: Path, n_scans: int, seed: int = 0) -> Path:
-    """Processed cache + desc/conc_info.json; abnormal anatomies are brighter."""
-    rng = np.random.default_rng(seed)
-    conc, desc = {}, {}
-    for i in range(n_scans):
-        scan = f"train_{i}_a"
-        abnormal = rng.random(4) < 0.5
-        conc[scan] = {a: f for a, f, ab in zip(NAMES, FINDINGS, abnormal) if ab}
-        desc[scan] = {a: f"The {a} is seen" for a in NAMES}
-        for r in range(1 + i % 2):
-            image = rng.integers(-1100, -900, SHAPE).astype(np.int16)
-            mask = np.zeros(SHAPE, np.uint8)
-            for k, (box, ab) in enumerate(zip(BOXES, abnormal)):
-                mask[box] = k + 1
-                image[box] += 100 + 600 * int(ab)
-            stem = f"{scan}_{r + 1}"
-            for kind, arr in (("images", image), ("masks", mask)):
-                write_volume(root / f"processed_train_{kind}" / f"train_{i}" / scan / f"{stem}.nii", arr,
-                             (4.0, 4.0, 8.0))
-    (root / "conc_info.json").write_text(json.dumps(conc))
-    (root / "desc_info.json").write_text(json.dumps(desc))
-    return root
-
-
-def make_bert(path: Path) -> Path:
-    from transformers import BertConfig
-    path.mkdir(parents=True, exist_ok=True)
-    words = {w.strip(".").lower() for t in FINDINGS for w in t.split()}
-    words |= {"the", "is", "seen", "shows", "no", "significant", "abnormalities", *NAMES}
-    (path / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ".", *sorted(words)]))
-    BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-               max_position_embeddings=64).to_json_file(path / "config.json")
-    return path
-
-
-def make_config(tmp: Path, model: dict | None = None, **optim) -> Path:
-    cfg = yaml.safe_load((REPO / "configs" / "demo.yaml").read_text())
-    cfg["pipeline_config"] = str(REPO / "configs" / "pipeline_demo.yaml")
-    cfg["paths"].update(data_root=str(tmp / "data"), text_encoder=str(tmp / "bert"), mae_weights=None,
-                        output_dir=str(tmp / "out"))
-    cfg["data"].update(crop_size=[8, 16, 16], workers=0)
-    cfg["model"].update(patch_size=[4, 8, 8], embed_dim=32, depth=3, num_heads=2, out_indices=[0, 1, 2],
-                        text_max_length=32, text_pretrained=False, freeze_text_encoder=False)
-    cfg["model"].update(model or {})
-    cfg["optim"].update({"lr": 1e-3, "warmup_steps": 2, "epochs": 2, "batch_size": 2, **optim})
-    path = tmp / "tiny.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
 
 
 @pytest.fixture()
 def setup(tmp_path):
-    make_cache(tmp_path / "data", 6)
-    make_bert(tmp_path / "bert")
-    return tmp_path, make_config(tmp_path)
+    make_train_cache(tmp_path / "data", 6)
+    make_train_bert(tmp_path / "bert")
+    return tmp_path, make_tiny_preset(tmp_path)
 
 
 def _run(cfg: Path, *extra: str) -> dict:
@@ -153,15 +96,15 @@ def test_non_finite_loss_stops_and_keeps_checkpoint(setup, monkeypatch):
 @pytest.mark.slow
 def test_short_run_lowers_loss(tmp_path):
     """~100 steps (~2-4 min on 2 busy cores): the contrastive loss leaves its initial plateau (ln N)."""
-    make_cache(tmp_path / "data", 16, seed=1)
-    make_bert(tmp_path / "bert")
-    cfg = make_config(tmp_path, model={"patch_size": [2, 4, 4], "drop_rate": 0.0, "attn_drop_rate": 0.0},
+    make_train_cache(tmp_path / "data", 16, seed=1)
+    make_train_bert(tmp_path / "bert")
+    cfg = make_tiny_preset(tmp_path, model={"patch_size": [2, 4, 4], "drop_rate": 0.0, "attn_drop_rate": 0.0},
                       epochs=50, batch_size=8, warmup_steps=3, lr=1e-3)
     _run(cfg)
     epochs = [json.loads(line) for line in (tmp_path / "out" / "log.txt").read_text().splitlines()]
     assert len(epochs) == 50
     # the total sums the anatomies not skipped (varies per step): compare per-anatomy means
-    per_anatomy = [np.mean([e[f"loss_{a}"] for a in NAMES if f"loss_{a}" in e]) for e in epochs]
+    per_anatomy = [np.mean([e[f"loss_{a}"] for a in TRAIN_ANATOMIES if f"loss_{a}" in e]) for e in epochs]
     assert np.mean(per_anatomy[-5:]) < 0.9 * np.mean(per_anatomy[:5]), per_anatomy
 
 
@@ -178,7 +121,6 @@ def test_torchrun_two_processes(setup):
     assert len(steps) == 3  # 6 scans / (1 per rank x 2 ranks), logged by rank 0 only
 
 
-@pytest.mark.slow
 def test_demo_preset_on_synthetic_pipeline(tmp_path):
     """Synthetic CT-RATE -> the four pipeline steps (demo config) -> text pre-training -> one epoch of
     configs/demo.yaml."""
@@ -192,16 +134,15 @@ def test_demo_preset_on_synthetic_pipeline(tmp_path):
     assert resize.main(common) == 0
     assert preprocess.main(common) == 0
     # The demo crop is tight around the phantoms' anatomies: none may be cut (unusable) by it.
-    demo = load_config(REPO / "configs" / "demo.yaml")
-    names = load_pipeline_config(resolve_path(demo["pipeline_config"])).anatomy_names
-    ds = CTRateTrainDataset(root, anatomy_names=names, crop_size=demo["data"]["crop_size"], flip_prob=0.0,
+    demo = load_preset(REPO / "configs" / "demo.yaml")
+    ds = CTRateTrainDataset(root, anatomy_names=demo.pipeline.anatomy_names, crop_size=demo.data.crop_size, flip_prob=0.0,
                             split="train", seed=0)
     for epoch in range(5):
         ds.set_epoch(epoch)
         assert all(bool(ds[i]["usable"].all()) for i in range(len(ds)))
     text = tmp_path / "text_encoder"
     assert pretrain_text.main(["--config", str(REPO / "configs" / "demo.yaml"), "--data-root", str(root),
-                               "--output", str(text), "--no-progress", "text_pretrain.epochs=1",
+                               "--text-encoder", str(text), "--no-pbar", "text_pretrain.epochs=1",
                                "text_pretrain.batch_size=4"]) == 0
     out = tmp_path / "out"
     rc = train.main(["--config", str(REPO / "configs" / "demo.yaml"), "--data-root", str(root),

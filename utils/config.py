@@ -1,9 +1,8 @@
-"""YAML presets with ``key=value`` command-line overrides.
+"""YAML files and ``key=value`` command-line overrides (the typed preset is ``utils/preset.py``).
 
-A preset is a nested mapping. An override names a dotted key that must exist
-in the preset (``optim.lr=3e-4``, ``data.crop_size=[40,48,72]``); its value
-is parsed as YAML and must have the preset's type (an int is accepted where a
-float is expected; a ``null`` preset value accepts anything). The resolved
+A preset is read as a nested mapping. An override names a dotted key that must exist
+in the preset (``optim.lr=3e-4``, ``data.crop_size=[40,48,72]``); its value is parsed as
+YAML (its type is checked with the rest of the preset by ``utils.preset``). The resolved
 config is written into the run directory so a run can be repeated.
 """
 from __future__ import annotations
@@ -33,48 +32,24 @@ def resolve_path(path: str | Path) -> Path:
     return REPO_ROOT / path
 
 
-def load_config(path: str | Path) -> dict[str, Any]:
-    """Read a YAML preset; the top level must be a mapping."""
-    path = Path(path)
+def read_yaml(path: str | Path, *, flag: str) -> dict[str, Any]:
+    """A YAML file whose top level is a mapping (``path`` through :func:`resolve_path`);
+    errors name the file and the command-line ``flag`` that sets it."""
+    path = resolve_path(path)
     if not path.is_file():
-        raise ConfigError(f"config file not found: {path} (set --config)")
-    with open(path) as f:
-        cfg = yaml.safe_load(f)
+        raise ConfigError(f"config file not found: {path} (set {flag})")
+    try:
+        with open(path, encoding="utf-8") as f:
+            cfg = yaml.safe_load(f)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path} is not valid YAML: {e}") from e
     if not isinstance(cfg, dict):
         raise ConfigError(f"{path}: top level must be a mapping, got {type(cfg).__name__}")
     return cfg
 
 
-def _check_type(key: str, old: Any, new: Any) -> Any:
-    if old is None or new is None:
-        return new
-    if isinstance(old, bool) or isinstance(new, bool):
-        if isinstance(old, bool) and isinstance(new, bool):
-            return new
-    elif isinstance(old, float) and isinstance(new, (int, float)):
-        return float(new)
-    elif isinstance(old, float) and isinstance(new, str):
-        try:  # YAML 1.1 reads "3e-4" (no dot) as a string
-            return float(new)
-        except ValueError:
-            pass
-    elif isinstance(old, int) and isinstance(new, int):
-        return new
-    elif isinstance(old, str) and isinstance(new, str):
-        return new
-    elif isinstance(old, list) and isinstance(new, list):
-        if old and new:
-            return [_check_type(f"{key}[{i}]", old[0], v) for i, v in enumerate(new)]
-        return new
-    elif isinstance(old, dict) and isinstance(new, dict):
-        return new
-    raise ConfigError(
-        f"override {key}: expected {type(old).__name__} like {old!r}, got {type(new).__name__} {new!r}"
-    )
-
-
 def set_by_path(cfg: dict[str, Any], key: str, value: Any) -> None:
-    """Set dotted ``key`` in ``cfg`` in place, with the type check of the module docstring."""
+    """Set dotted ``key`` (which must exist) in ``cfg`` in place; types are checked by ``utils.preset``."""
     node = cfg
     parts = key.split(".")
     for i, part in enumerate(parts[:-1]):
@@ -83,16 +58,7 @@ def set_by_path(cfg: dict[str, Any], key: str, value: Any) -> None:
         node = node[part]
     if parts[-1] not in node:
         raise ConfigError(f"unknown config key {key!r}; known here: {', '.join(sorted(node))}")
-    node[parts[-1]] = _check_type(key, node[parts[-1]], value)
-
-
-def get_by_path(cfg: dict[str, Any], key: str) -> Any:
-    node: Any = cfg
-    for part in key.split("."):
-        if not isinstance(node, dict) or part not in node:
-            raise ConfigError(f"unknown config key {key!r}")
-        node = node[part]
-    return node
+    node[parts[-1]] = value
 
 
 def apply_overrides(cfg: dict[str, Any], overrides: Iterable[str]) -> dict[str, Any]:

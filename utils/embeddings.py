@@ -1,7 +1,7 @@
 """Frozen image and text features for retrieval and probing (embed.py, retrieval.py, probe.py).
 
 Image features of a processed volume, per anatomy of the pipeline's list present in its
-mask, from the zero-shot window of spec §7 (``models.zeroshot.ZeroShotScorer.anatomy_feature``,
+mask, from the zero-shot window of spec §7 (``zeroshot.ZeroShotScorer.anatomy_feature``,
 the code path eval.py scores with):
 
 - ``projected`` (N, A, E): pooled -> ``vision_projs[a]`` -> L2-normalised, the joint space;
@@ -26,14 +26,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from data.io import VolumeReadError, atomic_output, list_volumes, scale_hu
-from data.common import load_pipeline_config, nii_stem
+from data.common import nii_stem
+from data.io import VolumeReadError, atomic_output, scale_hu
 from data.texts import compose_anatomy_text, text_for_encoding
-from eval import read_case, volume_name  # eval.py's reading of a processed case (one place; re-point with eval's I/O)
-from models.zeroshot import ZeroShotScorer
-from utils.checkpoint import latest_checkpoint
-from utils.config import apply_overrides, load_config, resolve_path
-from utils.zeroshot import ZeroShotSetupError, load_eval_model, load_items
+from utils.preset import Preset
+from zeroshot import ZeroShotScorer, load_eval_model, read_case, resolve_eval_inputs, volume_name
 
 logger = logging.getLogger(__name__)
 
@@ -42,13 +39,6 @@ FEATURE_KINDS = ("projected", "pooled")
 
 class EmbeddingsFileError(ValueError):
     """An embeddings file is not one embed.py wrote (message names it)."""
-
-
-def load_model(cfg: Mapping[str, Any], checkpoint: str | Path, *, n_anatomies: int, text_encoder_dir: str | Path,
-               device: torch.device) -> tuple[Any, Any]:
-    """(model in eval mode, tokenizer): the one call of the checkpoint loader for these tools."""
-    return load_eval_model(cfg, checkpoint, n_anatomies=n_anatomies, text_encoder_dir=text_encoder_dir,
-                           device=device)
 
 
 @dataclass
@@ -192,27 +182,9 @@ def encode_texts(encode: Callable[[list[str]], torch.Tensor], texts: Sequence[st
 
 # ---------------------------------------------------------------------------- shared CLI setup
 
-def model_args_parser() -> argparse.ArgumentParser:
-    """Flags embed.py and retrieval.py share with eval.py (same defaults)."""
-    p = argparse.ArgumentParser(add_help=False)
-    p.add_argument("--config", default="configs/ctrate.yaml", help="training preset (model size, pipeline config)")
-    p.add_argument("--checkpoint", type=Path,
-                   help="checkpoint (ours or the released fVLM weights; default: latest in --output-dir)")
-    p.add_argument("--output-dir", dest="output_dir", type=Path,
-                   help="training output directory searched for the default checkpoint (default: the preset's)")
-    p.add_argument("--data-root", dest="data_root", type=Path,
-                   help="root holding processed_{split}_images/ and _masks/ (default: the preset's)")
-    p.add_argument("--text-encoder", dest="text_encoder", help="text encoder directory (default: the preset's)")
-    p.add_argument("--items", help="zero-shot items file giving the window size roi_dhw (default: the preset's)")
-    p.add_argument("--split", default="valid", help="processed split (default: valid)")
-    p.add_argument("--no-progress", dest="progress", action="store_false", help="no tqdm bar")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="preset overrides, e.g. model.depth=4")
-    return p
-
-
 @dataclass
 class FeatureSetup:
-    cfg: dict
+    cfg: Preset
     anatomies: list[str]
     data_root: Path
     checkpoint: Path
@@ -226,23 +198,11 @@ class FeatureSetup:
 
 def setup_features(args: argparse.Namespace) -> FeatureSetup:
     """Preset, checkpoint, model and the split's processed volumes; ZeroShotSetupError names the flag to fix."""
-    cfg = apply_overrides(load_config(resolve_path(args.config)), args.overrides)
-    pipe = load_pipeline_config(resolve_path(cfg["pipeline_config"]))
-    roi, _ = load_items(resolve_path(args.items or cfg["zeroshot_items"]))
-    data_root = args.data_root or Path(cfg["paths"]["data_root"])
-    checkpoint = args.checkpoint
-    if checkpoint is None:
-        out_dir = args.output_dir or Path(cfg["paths"]["output_dir"])
-        checkpoint = latest_checkpoint(out_dir)
-        if checkpoint is None:
-            raise ZeroShotSetupError(f"no checkpoint_*.pth in {out_dir}: set --checkpoint or --output-dir")
-    volumes = list_volumes(data_root, args.split)
-    if not volumes:
-        raise ZeroShotSetupError(
-            f"no processed volumes in {data_root / f'processed_{args.split}_images'}: set --data-root / --split")
+    inputs = resolve_eval_inputs(args)
+    cfg, pipe, roi, data_root, checkpoint, volumes = (inputs.preset, inputs.preset.pipeline, inputs.roi,
+                                                      inputs.data_root, inputs.checkpoint, inputs.volumes)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model, tokenizer = load_model(cfg, checkpoint, n_anatomies=pipe.n_anatomies,
-                                  text_encoder_dir=args.text_encoder or cfg["paths"]["text_encoder"], device=device)
+    model, tokenizer = load_eval_model(cfg, checkpoint, device)
     extractor = AnatomyFeatureExtractor(model, pipe.anatomy_names, roi, pipe.hu_window, device)
     source = f"{Path(checkpoint).resolve()} on {Path(data_root).resolve()} roi {list(roi)}"
     return FeatureSetup(cfg, pipe.anatomy_names, Path(data_root), Path(checkpoint), volumes, extractor, model,

@@ -10,25 +10,23 @@ the note in ``configs/ctrate.yaml`` (``optim``) for what that means for this los
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping
+from typing import TYPE_CHECKING
 
 import torch
 
+if TYPE_CHECKING:
+    from utils.preset import OptimConfig
 
-def lr_at(epoch: int, step_in_epoch: int, cfg: Mapping[str, Any]) -> float:
-    """Learning rate for optimiser step ``step_in_epoch`` (0-based) of ``epoch`` (0-based).
 
-    ``cfg`` holds ``lr``, ``min_lr``, ``warmup_lr``, ``warmup_steps`` and ``epochs``
-    (the ``optim`` section of a preset).
-    """
-    base, min_lr, epochs = float(cfg["lr"]), float(cfg["min_lr"]), int(cfg["epochs"])
+def lr_at(epoch: int, step_in_epoch: int, optim: OptimConfig) -> float:
+    """Learning rate for optimiser step ``step_in_epoch`` (0-based) of ``epoch`` (0-based)
+    from ``optim``'s ``lr``, ``min_lr``, ``warmup_lr``, ``warmup_steps`` and ``epochs``."""
+    base, min_lr = optim.lr, optim.min_lr
     if epoch == 0:
-        warmup_steps = int(cfg["warmup_steps"])
-        if warmup_steps <= 0:
+        if optim.warmup_steps <= 0:
             return base
-        warmup_lr = float(cfg["warmup_lr"])
-        return min(base, warmup_lr + (base - warmup_lr) * step_in_epoch / warmup_steps)
-    return (base - min_lr) * 0.5 * (1.0 + math.cos(math.pi * epoch / epochs)) + min_lr
+        return min(base, optim.warmup_lr + (base - optim.warmup_lr) * step_in_epoch / optim.warmup_steps)
+    return (base - min_lr) * 0.5 * (1.0 + math.cos(math.pi * epoch / optim.epochs)) + min_lr
 
 
 def apply_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:

@@ -1,4 +1,12 @@
-"""Zero-shot scoring of one volume (spec §7), shared by eval.py and predict.py.
+"""Zero-shot scoring (spec §7), shared by eval.py and predict.py: items, model, windows, CSV.
+
+- ``load_items(path)``: ``configs/zeroshot_items.yaml`` (``roi_dhw`` + ``items`` of
+  ``[anatomy, abnormality, negative prompt, positive prompt]``), the single source of the
+  test items, their prompts and the window size.
+- ``load_eval_model(preset, checkpoint, device)``: ``models.builder.build_model`` with the
+  weights of one of our checkpoints or of the released fVLM layout (spec §6); eval mode.
+- ``ZeroShotScorer``: probabilities of one volume, by the window protocol below.
+- ``write_prediction_csv``: the atomic prediction CSV in the release's format (failures: ``data.io.write_case_csv``).
 
 Array layout: a processed volume is ``(D, H, W) = (z, y, x)``; ``image`` is HU-windowed and
 scaled to [0, 1] (0 = -1150 HU or below) -- or raw HU with a ``transform`` that scales each
@@ -26,16 +34,32 @@ release does), [CLS] of the last layer -> text_proj -> L2-normalise.
 """
 from __future__ import annotations
 
+import argparse
 import logging
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from data.io import VolumeReadError, image_to_mask_path, list_volumes, open_volume, write_csv
+from models.builder import build_model
+from models.fvlm import FVLM
+from models.text_encoder import TextEncoderError
+from utils.checkpoint import CheckpointError, latest_checkpoint
+from utils.config import read_yaml, resolve_path
+from utils.preset import Preset, given_flags, load_preset
+
 logger = logging.getLogger(__name__)
+
+FILE_COLUMN = "file_name"
+
+
+class ZeroShotSetupError(RuntimeError):
+    """Items config, checkpoint or model setup is unusable (message names what to fix)."""
 
 
 @dataclass(frozen=True)
@@ -51,6 +75,48 @@ class ZeroShotItem:
     def column(self) -> str:
         """Column name of the release's CSV: ``{anatomy}_{abnormality}_{negative}_{positive}``."""
         return f"{self.anatomy}_{self.abnormality}_{self.negative}_{self.positive}"
+
+
+def load_items(path: str | Path) -> tuple[tuple[int, int, int], list[ZeroShotItem]]:
+    """(roi_dhw, items) from a zero-shot items YAML."""
+    cfg = read_yaml(path, flag="--items")
+    path = resolve_path(path)
+    roi = cfg.get("roi_dhw")
+    if not (isinstance(roi, list) and len(roi) == 3 and all(isinstance(r, int) and r > 0 for r in roi)):
+        raise ZeroShotSetupError(f"{path}: roi_dhw must be 3 positive integers, got {roi!r}")
+    raw = cfg.get("items")
+    if not isinstance(raw, list) or not raw:
+        raise ZeroShotSetupError(f"{path}: items must be a non-empty list")
+    items = []
+    for i, entry in enumerate(raw):
+        if not (isinstance(entry, list) and len(entry) == 4 and all(isinstance(x, str) and x for x in entry)):
+            raise ZeroShotSetupError(f"{path}: item {i} must be [anatomy, abnormality, negative, positive], got {entry!r}")
+        if "_" in entry[0] or "_" in entry[1]:
+            raise ZeroShotSetupError(f"{path}: item {i}: anatomy and abnormality must not contain '_' "
+                                     "(the CSV column name is split on it)")
+        items.append(ZeroShotItem(*entry))
+    columns = [item.column for item in items]
+    if len(set(columns)) != len(columns):
+        raise ZeroShotSetupError(f"{path}: duplicate items")
+    return (roi[0], roi[1], roi[2]), items
+
+
+def load_eval_model(preset: Preset, checkpoint: str | Path, device: torch.device) -> tuple[FVLM, Any]:
+    """(model in eval mode on ``device``, tokenizer): ``models.builder.build_model`` of ``preset``
+    with the weights of ``checkpoint`` (ours or the release layout, loaded with ``weights_only``
+    and strictly), the text encoder's config and vocabulary from ``preset.paths.text_encoder``."""
+    checkpoint = Path(checkpoint)
+    if not checkpoint.is_file():
+        raise ZeroShotSetupError(f"checkpoint not found: {checkpoint} (set --checkpoint)")
+    try:
+        model, tokenizer = build_model(preset.model, img_size=preset.data.crop_size,
+                                       n_anatomies=preset.pipeline.n_anatomies,
+                                       text_encoder_dir=resolve_path(preset.paths.text_encoder), checkpoint=checkpoint)
+    except TextEncoderError as e:
+        raise ZeroShotSetupError(f"{e} (set --text-encoder)") from e
+    except CheckpointError as e:
+        raise ZeroShotSetupError(f"{e} (set --checkpoint, or the --config it was trained with)") from e
+    return model.eval().to(device), tokenizer
 
 
 def anatomy_window(
@@ -183,3 +249,82 @@ class ZeroShotScorer:
             pos = F.softmax(logits.float(), dim=-1)[:, 1].cpu().tolist()
             probs.update({self.items[k].column: p for k, p in zip(rows, pos)})
         return probs
+
+
+def write_prediction_csv(path: str | Path, rows: Mapping[str, Mapping[str, float]],
+                         items: Sequence[ZeroShotItem]) -> None:
+    """``file_name`` + one column per item, rows sorted by file name; empty cell = anatomy absent."""
+    columns = [item.column for item in items]
+    write_csv(path, [FILE_COLUMN, *columns],
+           ([name, *(repr(rows[name][c]) if c in rows[name] else "" for c in columns)]
+              for name in sorted(rows)))
+
+
+
+# ---------------------------------------------------------------------------- scoring a checkpoint on a split
+# command-line flag -> preset key (the flag wins over the preset; key=value overrides win over both)
+FLAG_KEYS = {"data_root": "paths.data_root", "text_encoder": "paths.text_encoder", "output_dir": "paths.output_dir",
+             "items": "zeroshot_items"}
+
+
+def checkpoint_args_parser() -> argparse.ArgumentParser:
+    """The flags of the tools that score a checkpoint on a processed split (eval, embed, retrieval)."""
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--config", default="configs/ctrate.yaml", help="training preset (model size, pipeline config)")
+    p.add_argument("--checkpoint", type=Path,
+                   help="checkpoint: ours or the released fVLM weights (default: latest checkpoint_*.pth in --output-dir)")
+    p.add_argument("--output-dir", dest="output_dir",
+                   help="training output directory searched for the default checkpoint (default: the preset's)")
+    p.add_argument("--data-root", dest="data_root",
+                   help="root holding processed_{split}_images/ and _masks/ (default: the preset's, 'data')")
+    p.add_argument("--items", help="test items, prompts and roi (default: the preset's zeroshot_items)")
+    p.add_argument("--text-encoder", dest="text_encoder",
+                   help="text encoder directory for config + vocabulary (default: the preset's)")
+    p.add_argument("--split", default="valid", help="processed split (default: valid)")
+    p.add_argument("--no-pbar", dest="pbar", action="store_false", help="no progress bar (cluster logs)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="preset overrides, e.g. model.depth=4")
+    return p
+
+
+@dataclass
+class EvalInputs:
+    """What ``checkpoint_args_parser``'s flags resolve to; relative paths as ``utils.config.resolve_path``."""
+
+    preset: Preset
+    roi: tuple[int, int, int]
+    items: list[ZeroShotItem]
+    data_root: Path
+    checkpoint: Path
+    volumes: list[Path]  # processed images of the split, sorted
+
+
+def resolve_eval_inputs(args: argparse.Namespace) -> EvalInputs:
+    """Preset, items, checkpoint and the split's processed volumes; ``ZeroShotSetupError`` names the flag to fix."""
+    preset = load_preset(args.config, args.overrides, flags=given_flags(args, FLAG_KEYS))
+    roi, items = load_items(resolve_path(preset.zeroshot_items))
+    data_root = resolve_path(preset.paths.data_root)
+    checkpoint = resolve_path(args.checkpoint) if args.checkpoint is not None else None
+    if checkpoint is None:
+        out_dir = resolve_path(preset.paths.output_dir)
+        checkpoint = latest_checkpoint(out_dir)
+        if checkpoint is None:
+            raise ZeroShotSetupError(f"no checkpoint_*.pth in {out_dir}: set --checkpoint or --output-dir")
+    volumes = list_volumes(data_root, args.split)
+    if not volumes:
+        raise ZeroShotSetupError(
+            f"no processed volumes in {data_root / f'processed_{args.split}_images'}: set --data-root / --split")
+    return EvalInputs(preset, roi, items, data_root, checkpoint, volumes)
+
+
+def read_case(image_path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """(image int16 HU, mask ids) of a processed volume, both (D, H, W) memory-mapped; VolumeReadError when unusable."""
+    image = open_volume(image_path)
+    mask = open_volume(image_to_mask_path(image_path))
+    if image.shape != mask.shape:
+        raise VolumeReadError(f"image {image.shape} and mask {mask.shape} differ in shape")
+    return image, mask
+
+
+def volume_name(image_path: Path) -> str:
+    """Processed ``.../valid_1_a_1.nii`` -> the VolumeName ``valid_1_a_1.nii.gz``."""
+    return image_path.name[: -len(".nii")] + ".nii.gz"

@@ -8,7 +8,8 @@ checked to be present after; a mask without any anatomy is a failed case.
 
 Cache format: ``processed_{split}_images/{patient}/{scan}/{stem}.nii`` uncompressed
 int16 HU (not scaled: ``data.cache.scale_hu`` clips and scales at read time) and
-``processed_{split}_masks/.../{stem}.nii`` uint8 anatomy ids; the origin is moved
+``processed_{split}_masks/.../{stem}.nii`` uint8 anatomy ids (beside it the
+anatomy boxes ``{stem}.boxes.json``, ``data.anatomy_boxes``); the origin is moved
 by the crop/pad offset, so the cache still overlays the fixed image in a viewer.
 ``data.cache.open_volume`` memory-maps them: a random crop reads only its voxels.
 """
@@ -25,6 +26,7 @@ if __package__ in (None, ""):  # run as `python preprocess.py` from inside data/
 
 import numpy as np
 
+from data.anatomy_boxes import write_boxes
 from data.cache import VolumeReadError, open_volume, read_geometry, write_volume
 from data.common import (CaseError, PipelineConfig, RunSummary, Task, list_inputs, load_pipeline_config,
                          run_cli, run_tasks, step_parser, volume_relpath)
@@ -114,6 +116,7 @@ def preprocess_case(image_src: Path, mask_src: Path, image_dst: Path, mask_dst: 
     shift_xyz = np.asarray(window.offset_dhw[::-1], dtype=np.float64) * spacing
     new_origin = np.asarray(origin) + np.asarray(direction).reshape(3, 3) @ shift_xyz
     write_volume(image_dst, image, spacing, new_origin, direction)
+    write_boxes(mask, mask_dst)  # before the mask: a complete mask always has its record
     write_volume(mask_dst, mask, spacing, new_origin, direction)
     return {"shape_dhw": image.shape, "offset_dhw": window.offset_dhw}
 

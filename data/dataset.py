@@ -41,7 +41,7 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, default_collate
 
 from data.anatomy_boxes import Box, anatomy_boxes, read_boxes
 from data.cache import image_to_mask_path, list_volumes, open_volume
@@ -72,25 +72,32 @@ def usable_anatomies(mask: np.ndarray, n_anatomies: int, boxes: dict[int, Box]) 
     """(A,) bool: anatomy present in ``mask`` (the crop, (D,H,W)) and touching none of its 6 faces.
 
     ``boxes``: id -> inclusive box of all the anatomy's voxels in the volume, in the
-    crop's coordinates (it may reach beyond the crop). A box inside the crop proves
-    presence; only a box that straddles the crop's edge without the anatomy on a face
-    (a split or curved shape) needs the crop's voxels, and only those inside the box.
+    crop's coordinates (it may reach beyond the crop). Only the crop's voxels inside
+    an anatomy's box can hold it: a face is read only where the box crosses it, and a
+    box inside the crop proves presence; a box that straddles the crop's edge with no
+    voxel on a face (a split or curved shape) is decided by the crop's voxels in it.
     """
-    on_face = np.zeros(256, dtype=bool)
-    for face in (mask[0], mask[-1], mask[:, 0], mask[:, -1], mask[:, :, 0], mask[:, :, -1]):
-        on_face[face] = True
     usable = np.zeros(n_anatomies, dtype=bool)
     for k, box in boxes.items():
-        if k > n_anatomies or on_face[k]:
+        if k > n_anatomies:
             continue
         lo = [max(b, 0) for b in box[:3]]
         hi = [min(b, n - 1) for b, n in zip(box[3:], mask.shape)]
         if any(a > b for a, b in zip(lo, hi)):
             continue  # the box misses the crop
+        inside = tuple(slice(a, b + 1) for a, b in zip(lo, hi))
+        on_face = False
+        for axis, n in enumerate(mask.shape):
+            for plane in {0, n - 1}:
+                if lo[axis] <= plane <= hi[axis] and not on_face:
+                    face = inside[:axis] + (plane,) + inside[axis + 1:]
+                    on_face = bool((mask[face] == k).any())
+        if on_face:
+            continue
         if all(b >= 0 for b in box[:3]) and all(b < n for b, n in zip(box[3:], mask.shape)):
             usable[k - 1] = True
         else:
-            usable[k - 1] = bool((mask[tuple(slice(a, b + 1) for a, b in zip(lo, hi))] == k).any())
+            usable[k - 1] = bool((mask[inside] == k).any())
     return usable
 
 
@@ -115,10 +122,10 @@ def model_inputs(hu: torch.Tensor, mask: torch.Tensor, flip: torch.Tensor, hu_wi
     if any(flips):
         hu = torch.stack([h.flip([a + 1 for a in axes]) for h, axes in zip(hu, flips)])
         mask = torch.stack([m.flip(axes) for m, axes in zip(mask, flips)])
-    # integers clip to [ceil(lo), floor(hi)] (within the dtype) exactly; the float32 steps match scale_hu's
-    info = torch.iinfo(hu.dtype)
-    clipped = hu.clamp(max(math.ceil(lo), info.min), min(math.floor(hi), info.max)).to(torch.float32)
-    return (clipped - float(np.float32(lo))) / float(np.float32(hi - lo)), mask
+    # integer HU clip to [ceil(lo), floor(hi)], as in scale_hu; in float32 the same steps are exact
+    # (and ~3x faster on a CPU than clamping int16)
+    image = hu.to(torch.float32).clamp_(math.ceil(lo), math.floor(hi))
+    return image.sub_(float(np.float32(lo))).div_(float(np.float32(hi - lo))), mask
 
 
 class CTRateTrainDataset(Dataset):
@@ -230,15 +237,10 @@ class CTRateTrainDataset(Dataset):
 
 
 def collate(batch: list[dict[str, Any]]) -> dict[str, Any]:
-    """Stack tensors; keep texts as a list (B) of lists (A) of strings. ``model_inputs`` takes it from there."""
-    return {
-        "hu": torch.stack([b["hu"] for b in batch]),
-        "mask": torch.stack([b["mask"] for b in batch]),
-        "flip": torch.stack([b["flip"] for b in batch]),
-        "texts": [b["texts"] for b in batch],
-        "text_hash": torch.stack([b["text_hash"] for b in batch]),
-        "abnormal": torch.stack([b["abnormal"] for b in batch]),
-        "usable": torch.stack([b["usable"] for b in batch]),
-        "scan_id": [b["scan_id"] for b in batch],
-        "path": [b["path"] for b in batch],
-    }
+    """Stack tensors; keep texts as a list (B) of lists (A) of strings. ``model_inputs`` takes it from there.
+
+    ``default_collate`` stacks a worker's tensors straight into shared memory (one copy fewer).
+    """
+    out = {k: default_collate([b[k] for b in batch]) for k in ("hu", "mask", "flip", "text_hash", "abnormal",
+                                                               "usable")}
+    return out | {k: [b[k] for b in batch] for k in ("texts", "scan_id", "path")}

@@ -12,9 +12,13 @@ int16 HU (not scaled: ``data.cache.scale_hu`` clips and scales at read time) and
 anatomy boxes ``{stem}.boxes.json``, ``data.anatomy_boxes``); the origin is moved
 by the crop/pad offset, so the cache still overlays the fixed image in a viewer.
 ``data.cache.open_volume`` memory-maps them: a random crop reads only its voxels.
+
+``--delete-resized`` then deletes each cached case's ``resized_{split}_*`` pair (15-85 MB
+per volume that nothing reads once the cache exists; ``delete_resized``).
 """
 from __future__ import annotations
 
+import logging
 import sys
 from dataclasses import dataclass
 from functools import partial
@@ -29,7 +33,9 @@ import numpy as np
 from data.anatomy_boxes import write_boxes
 from data.cache import VolumeReadError, open_volume, read_geometry, write_volume
 from data.common import (CaseError, PipelineConfig, RunSummary, Task, list_inputs, load_pipeline_config,
-                         run_cli, run_tasks, step_parser, volume_relpath)
+                         run_cli, run_tasks, select_shard, step_parser, volume_relpath)
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -121,9 +127,34 @@ def preprocess_case(image_src: Path, mask_src: Path, image_dst: Path, mask_dst: 
     return {"shape_dhw": image.shape, "offset_dhw": window.offset_dhw}
 
 
+def delete_resized(root: Path, split: str, names: Sequence[str]) -> int:
+    """Delete the resized pair of each case whose cache pair exists and is newer; returns the count.
+
+    The cache mask is written last and atomically, so its presence means the case is
+    complete; a resized pair rewritten after it (resize --overwrite) is kept. The
+    resized mask goes first: after a kill the image is still listed, and the next run
+    deletes what is left.
+    """
+    deleted = 0
+    for name in names:
+        rel = volume_relpath(name)
+        image_src, mask_src = root / f"resized_{split}_images" / rel, root / f"resized_{split}_masks" / rel
+        cache_image, cache_mask = root / f"processed_{split}_images" / rel, root / f"processed_{split}_masks" / rel
+        if not (cache_image.is_file() and cache_mask.is_file() and image_src.is_file()):
+            continue
+        sources = [image_src] + ([mask_src] if mask_src.is_file() else [])
+        if cache_mask.stat().st_mtime < max(p.stat().st_mtime for p in sources):
+            continue
+        mask_src.unlink(missing_ok=True)
+        image_src.unlink()
+        deleted += 1
+    return deleted
+
+
 def run(data_root: str | Path, split: str, *, overwrite: bool = False, workers: int = 1,
-        shard: tuple[int, int] = (0, 1), pbar: bool = True, config: str | Path | None = None) -> RunSummary:
-    """Build the cache for every resized volume of this shard."""
+        shard: tuple[int, int] = (0, 1), pbar: bool = True, config: str | Path | None = None,
+        delete_resized_inputs: bool = False) -> RunSummary:
+    """Build the cache for every resized volume of this shard (then delete their resized pairs if asked)."""
     root = Path(data_root)
     cfg = load_pipeline_config(config)
     tasks = []
@@ -133,14 +164,23 @@ def run(data_root: str | Path, split: str, *, overwrite: bool = False, workers: 
         fn = partial(preprocess_case, root / f"resized_{split}_images" / rel, root / f"resized_{split}_masks" / rel,
                      image_dst, mask_dst, cfg)
         tasks.append(Task(name, (image_dst, mask_dst), fn))
-    return run_tasks("preprocess", split, root, tasks, overwrite=overwrite, workers=workers, shard=shard,
-                     pbar=pbar)
+    summary = run_tasks("preprocess", split, root, tasks, overwrite=overwrite, workers=workers, shard=shard,
+                        pbar=pbar)
+    if delete_resized_inputs:
+        deleted = delete_resized(root, split, select_shard([t.name for t in tasks], shard))
+        logger.info("preprocess %s: deleted the resized pair of %d cached cases", split, deleted)
+    return summary
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = step_parser(__doc__.splitlines()[0]).parse_args(argv)
+    parser = step_parser(__doc__.splitlines()[0])
+    parser.add_argument("--delete-resized", action="store_true",
+                        help="delete each case's resized image and mask once its cache pair is complete "
+                             "(saves their bytes; re-running resize would redo those cases)")
+    args = parser.parse_args(argv)
     return run_cli(lambda: run(args.data_root, args.split, overwrite=args.overwrite, workers=args.workers,
-                               shard=args.shard, pbar=not args.no_pbar, config=args.config))
+                               shard=args.shard, pbar=not args.no_pbar, config=args.config,
+                               delete_resized_inputs=args.delete_resized))
 
 
 if __name__ == "__main__":

@@ -13,8 +13,9 @@ anatomy boxes ``{stem}.boxes.json``, ``data.anatomy_boxes``); the origin is move
 by the crop/pad offset, so the cache still overlays the fixed image in a viewer.
 ``data.cache.open_volume`` memory-maps them: a random crop reads only its voxels.
 
-``--delete-resized`` then deletes each cached case's ``resized_{split}_*`` pair (15-85 MB
-per volume that nothing reads once the cache exists; ``delete_resized``).
+``--delete-intermediates`` then deletes, for each cached case, the files nothing reads
+once the cache exists (``delete_intermediates``): ~140 MB of a 512x512x~250 volume's
+~215 MB. Run the steps shard by shard (``--shard K/N``) to bound the peak as well.
 """
 from __future__ import annotations
 
@@ -32,8 +33,8 @@ import numpy as np
 
 from data.anatomy_boxes import write_boxes
 from data.cache import VolumeReadError, open_volume, read_geometry, write_volume
-from data.common import (CaseError, PipelineConfig, RunSummary, Task, list_inputs, load_pipeline_config,
-                         run_cli, run_tasks, select_shard, step_parser, volume_relpath)
+from data.common import (NIFTI_GZ, CaseError, PipelineConfig, RunSummary, Task, list_inputs, load_pipeline_config,
+                         nii_stem, run_cli, run_tasks, select_shard, step_parser, volume_relpath)
 
 logger = logging.getLogger(__name__)
 
@@ -127,34 +128,38 @@ def preprocess_case(image_src: Path, mask_src: Path, image_dst: Path, mask_dst: 
     return {"shape_dhw": image.shape, "offset_dhw": window.offset_dhw}
 
 
-def delete_resized(root: Path, split: str, names: Sequence[str]) -> int:
-    """Delete the resized pair of each case whose cache pair exists and is newer; returns the count.
+def delete_intermediates(root: Path, split: str, names: Sequence[str]) -> int:
+    """Delete the intermediates of each case whose cache pair exists and is newer; returns the count.
 
-    The cache mask is written last and atomically, so its presence means the case is
-    complete; a resized pair rewritten after it (resize --overwrite) is kept. The
-    resized mask goes first: after a kill the image is still listed, and the next run
-    deletes what is left.
+    Deleted: the resized pair, and the ``{split}_fixed`` volume when its raw source
+    ``{split}/...`` is there to remake it (otherwise it may be the user's v2 download: kept).
+    The TotalSegmentator mask (~1 MB, GPU minutes) stays. The cache mask is written last
+    and atomically, so its presence means the case is complete; intermediates rewritten
+    after it (a step re-run with --overwrite) are kept. The resized image, by which this
+    step lists the case, goes last: after a kill the next run deletes what is left.
     """
     deleted = 0
     for name in names:
         rel = volume_relpath(name)
+        fixed_rel = rel.with_name(nii_stem(name) + NIFTI_GZ)
         image_src, mask_src = root / f"resized_{split}_images" / rel, root / f"resized_{split}_masks" / rel
+        fixed, raw = root / f"{split}_fixed" / fixed_rel, root / split / fixed_rel
         cache_image, cache_mask = root / f"processed_{split}_images" / rel, root / f"processed_{split}_masks" / rel
         if not (cache_image.is_file() and cache_mask.is_file() and image_src.is_file()):
             continue
-        sources = [image_src] + ([mask_src] if mask_src.is_file() else [])
-        if cache_mask.stat().st_mtime < max(p.stat().st_mtime for p in sources):
+        doomed = [p for p in ((fixed if raw.is_file() else None), mask_src) if p is not None and p.is_file()]
+        if cache_mask.stat().st_mtime < max(p.stat().st_mtime for p in [image_src, *doomed]):
             continue
-        mask_src.unlink(missing_ok=True)
-        image_src.unlink()
+        for path in [*doomed, image_src]:
+            path.unlink()
         deleted += 1
     return deleted
 
 
 def run(data_root: str | Path, split: str, *, overwrite: bool = False, workers: int = 1,
         shard: tuple[int, int] = (0, 1), pbar: bool = True, config: str | Path | None = None,
-        delete_resized_inputs: bool = False) -> RunSummary:
-    """Build the cache for every resized volume of this shard (then delete their resized pairs if asked)."""
+        delete_intermediates_after: bool = False) -> RunSummary:
+    """Build the cache for every resized volume of this shard (then delete their intermediates if asked)."""
     root = Path(data_root)
     cfg = load_pipeline_config(config)
     tasks = []
@@ -166,21 +171,21 @@ def run(data_root: str | Path, split: str, *, overwrite: bool = False, workers: 
         tasks.append(Task(name, (image_dst, mask_dst), fn))
     summary = run_tasks("preprocess", split, root, tasks, overwrite=overwrite, workers=workers, shard=shard,
                         pbar=pbar)
-    if delete_resized_inputs:
-        deleted = delete_resized(root, split, select_shard([t.name for t in tasks], shard))
-        logger.info("preprocess %s: deleted the resized pair of %d cached cases", split, deleted)
+    if delete_intermediates_after:
+        deleted = delete_intermediates(root, split, select_shard([t.name for t in tasks], shard))
+        logger.info("preprocess %s: deleted the intermediates of %d cached cases", split, deleted)
     return summary
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = step_parser(__doc__.splitlines()[0])
-    parser.add_argument("--delete-resized", action="store_true",
-                        help="delete each case's resized image and mask once its cache pair is complete "
-                             "(saves their bytes; re-running resize would redo those cases)")
+    parser.add_argument("--delete-intermediates", action="store_true",
+                        help="once a case's cache pair is complete, delete its resized pair and its fixed volume "
+                             "(if the raw one is there to remake it); re-running fix/resize would redo those cases")
     args = parser.parse_args(argv)
     return run_cli(lambda: run(args.data_root, args.split, overwrite=args.overwrite, workers=args.workers,
                                shard=args.shard, pbar=not args.no_pbar, config=args.config,
-                               delete_resized_inputs=args.delete_resized))
+                               delete_intermediates_after=args.delete_intermediates))
 
 
 if __name__ == "__main__":

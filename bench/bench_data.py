@@ -26,6 +26,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import shutil
 import sys
 import tempfile
@@ -137,16 +138,25 @@ def time_items(ds: CTRateTrainDataset, n_items: int) -> tuple[list[float], list[
     return wall, cpu, device_side
 
 
-def loader_items_per_s(ds: CTRateTrainDataset, workers: int, n_items: int, batch: int) -> float:
-    """Items/s through ``torch.utils.data.DataLoader`` with ``collate``, after the first batch."""
+def loader_rate(ds: CTRateTrainDataset, workers: int, n_items: int, batch: int) -> tuple[float, float]:
+    """(items/s, CPU ms per item of workers + main process) through ``DataLoader`` with ``collate``.
+
+    Timed after the first batch; the workers' CPU time is theirs once they exit (end of iteration).
+    """
     order = [i % len(ds) for i in range(n_items + batch)]
     loader = torch.utils.data.DataLoader(ds, batch_size=batch, sampler=order, num_workers=workers,
                                          collate_fn=collate)
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = time.process_time()
     it = iter(loader)
     next(it)
     start = time.perf_counter()
     count = sum(len(b["scan_id"]) for b in it)
-    return count / (time.perf_counter() - start)
+    rate = count / (time.perf_counter() - start)
+    del it
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu_s = time.process_time() - cpu + (after.ru_utime + after.ru_stime) - (children.ru_utime + children.ru_stime)
+    return rate, cpu_s / (count + batch) * 1e3
 
 
 def run_read(root: Path, work: Path, cfg: PipelineConfig, args: argparse.Namespace) -> list[dict[str, object]]:
@@ -165,21 +175,27 @@ def run_read(root: Path, work: Path, cfg: PipelineConfig, args: argparse.Namespa
             def decode(path: Path) -> None:
                 sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
                 sitk.GetArrayFromImage(sitk.ReadImage(str(path.with_name("mask_" + path.name))))
-            decode_s = [timed(lambda: decode(releases[k % len(releases)]))[0] for k in range(args.decodes)]
+            decodes = [timed(lambda: decode(releases[k % len(releases)])) for k in range(args.decodes)]
         finally:
             os.sched_setaffinity(0, all_cpus)
-        item_ms, decode_ms = float(np.median(wall)) * 1e3, float(np.median(decode_s)) * 1e3
+        decode_wall, decode_cpu = [d[0] for d in decodes], [d[1] for d in decodes]
         line = {"part": "read", "cache_shape_dhw": list(shape), "crop_dhw": list(cfg.min_size_dhw),
                 "volumes": len(ds.reconstructions), "items": args.items,
                 "getitem_ms": stats_ms(wall), "getitem_cpu_ms": stats_ms(cpu),
                 "model_inputs_ms_on_this_cpu": stats_ms(device_side),
-                "release_decode_ms": stats_ms(decode_s), "speedup_vs_release_decode": round(decode_ms / item_ms, 1),
+                "release_decode_ms": stats_ms(decode_wall), "release_decode_cpu_ms": stats_ms(decode_cpu),
+                "speedup_vs_release_decode": {"wall_median": round(float(np.median(decode_wall) / np.median(wall)), 1),
+                                              "cpu_median": round(float(np.median(decode_cpu) / np.median(cpu)), 1)},
                 "pinned_one_cpu": True}
         if shape == tuple(args.shapes[0]):
-            line["loader_items_per_s"] = {str(w): round(loader_items_per_s(ds, w, args.loader_items, args.batch), 1)
-                                          for w in args.workers}
+            rates = {w: loader_rate(ds, w, args.loader_items, args.batch) for w in args.workers}
+            line["loader_items_per_s"] = {str(w): round(r, 1) for w, (r, _) in rates.items()}
+            line["loader_cpu_ms_per_item"] = {str(w): round(c, 1) for w, (_, c) in rates.items()}
             line["loader_batch"] = args.batch
-            line["cores_per_100_items_per_s"] = round(100 * item_ms / 1e3, 2)
+            # cores a node needs per 100 items/s: from the bare item (CPU time) and through the DataLoader
+            line["cores_per_100_items_per_s"] = {
+                "getitem": round(100 * float(np.median(cpu)), 2),
+                "loader_1_worker": round(100 * rates[min(args.workers)][1] / 1e3, 2)}
         lines.append(line)
     return lines
 

@@ -41,7 +41,7 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, default_collate
+from torch.utils.data import Dataset, default_collate, get_worker_info
 
 from data.anatomy_boxes import Box, anatomy_boxes, read_boxes
 from data.cache import image_to_mask_path, list_volumes, open_volume
@@ -236,11 +236,24 @@ class CTRateTrainDataset(Dataset):
         }
 
 
-def collate(batch: list[dict[str, Any]]) -> dict[str, Any]:
-    """Stack tensors; keep texts as a list (B) of lists (A) of strings. ``model_inputs`` takes it from there.
+def _stack_crops(crops: list[torch.Tensor]) -> torch.Tensor:
+    """``torch.stack`` for the big crops, into memory that is cheap to fill.
 
-    ``default_collate`` stacks a worker's tensors straight into shared memory (one copy fewer).
+    In a DataLoader worker the batch goes straight into shared memory (as ``default_collate``
+    does), so it crosses to the main process without another copy; elsewhere numpy allocates
+    it (it asks for huge pages: ~4x faster to fill here than ``torch.stack``'s 4 KiB pages).
     """
-    out = {k: default_collate([b[k] for b in batch]) for k in ("hu", "mask", "flip", "text_hash", "abnormal",
-                                                               "usable")}
+    first = crops[0]
+    if get_worker_info() is None:
+        return torch.from_numpy(np.stack([c.numpy() for c in crops]))
+    storage = first._typed_storage()._new_shared(len(crops) * first.numel(), device=first.device)
+    out = first.new(storage).resize_(len(crops), *first.shape)
+    np.stack([c.numpy() for c in crops], out=out.numpy())
+    return out
+
+
+def collate(batch: list[dict[str, Any]]) -> dict[str, Any]:
+    """Stack tensors; keep texts as a list (B) of lists (A) of strings. ``model_inputs`` takes it from there."""
+    out = {k: _stack_crops([b[k] for b in batch]) for k in ("hu", "mask")}
+    out |= {k: default_collate([b[k] for b in batch]) for k in ("flip", "text_hash", "abnormal", "usable")}
     return out | {k: [b[k] for b in batch] for k in ("texts", "scan_id", "path")}

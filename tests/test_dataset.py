@@ -290,3 +290,14 @@ def test_preprocess_writes_box_record(tmp_path):
     assert record == {"shape_dhw": list(cached.shape),
                       "boxes": {str(k): list(b) for k, b in anatomy_boxes(cached).items()}}
     assert sorted(record["boxes"]) == ["1", "2", "4"]
+
+
+def test_loader_workers_give_the_batches_collate_gives(cache):
+    """In a worker the crops are stacked into shared memory: same batch as in the main process."""
+    root, _ = cache
+    ds = _ds(root, flip_prob=0.5)
+    inline = collate([ds[0], ds[1]])
+    (batch,) = list(torch.utils.data.DataLoader(ds, batch_size=2, num_workers=1, collate_fn=collate))
+    for key in ("hu", "mask", "flip", "usable", "text_hash", "abnormal"):
+        torch.testing.assert_close(batch[key], inline[key])
+    assert batch["hu"].is_shared() and batch["texts"] == inline["texts"]

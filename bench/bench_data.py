@@ -119,23 +119,23 @@ def reshaped_cache(src: Path, dst: Path, shape: Sequence[int], cfg: PipelineConf
     return dst
 
 
-def time_items(ds: CTRateTrainDataset, n_items: int) -> tuple[list[float], list[float], list[float]]:
-    """Wall and CPU seconds of ``ds[i]`` and of ``model_inputs`` on its item, over epochs (first pass untimed)."""
+def time_items(ds: CTRateTrainDataset, n_items: int, decode: Callable[[int], None], n_decodes: int
+               ) -> tuple[list[tuple[float, float]], list[float], list[tuple[float, float]]]:
+    """(wall, CPU) seconds of ``ds[i]``, seconds of ``model_inputs`` on its item, and (wall, CPU) of
+    ``decode(k)`` interleaved with the items (the host's load then weighs on both alike); first pass untimed."""
     for i in range(len(ds)):
         ds[i]
-    wall, cpu, device_side = [], [], []
+    items, device_side, decodes = [], [], []
+    every = max(n_items // n_decodes, 1)
     for k in range(n_items):
         ds.set_epoch(1 + k // len(ds))
         item: dict = {}
-
-        def read() -> None:
-            item.update(ds[k % len(ds)])
-        w, c = timed(read)
-        wall.append(w)
-        cpu.append(c)
+        items.append(timed(lambda: item.update(ds[k % len(ds)])))
         batch = collate([item])
         device_side.append(timed(lambda: model_inputs(batch["hu"], batch["mask"], batch["flip"], ds.hu_window))[0])
-    return wall, cpu, device_side
+        if k % every == 0 and len(decodes) < n_decodes:
+            decodes.append(timed(lambda: decode(len(decodes))))
+    return items, device_side, decodes
 
 
 def loader_rate(ds: CTRateTrainDataset, workers: int, n_items: int, batch: int) -> tuple[float, float]:
@@ -168,19 +168,20 @@ def run_read(root: Path, work: Path, cfg: PipelineConfig, args: argparse.Namespa
                                 hu_window=cfg.hu_window, flip_prob=0.2, seed=args.seed)
         os.sched_setaffinity(0, {min(all_cpus)})
         torch.set_num_threads(1)
-        try:
-            wall, cpu, device_side = time_items(ds, args.items)
-            releases = sorted((cache / "release").glob("*/*/train_*.nii.gz"))
+        releases = sorted((cache / "release").glob("*/*/train_*.nii.gz"))
 
-            def decode(path: Path) -> None:
-                sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
-                sitk.GetArrayFromImage(sitk.ReadImage(str(path.with_name("mask_" + path.name))))
-            decodes = [timed(lambda: decode(releases[k % len(releases)])) for k in range(args.decodes)]
+        def decode(k: int) -> None:  # the release's loader: decode the whole image and mask
+            path = releases[k % len(releases)]
+            sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
+            sitk.GetArrayFromImage(sitk.ReadImage(str(path.with_name("mask_" + path.name))))
+        try:
+            items, device_side, decodes = time_items(ds, args.items, decode, args.decodes)
         finally:
             os.sched_setaffinity(0, all_cpus)
-        decode_wall, decode_cpu = [d[0] for d in decodes], [d[1] for d in decodes]
+        wall, cpu = [w for w, _ in items], [c for _, c in items]
+        decode_wall, decode_cpu = [w for w, _ in decodes], [c for _, c in decodes]
         line = {"part": "read", "cache_shape_dhw": list(shape), "crop_dhw": list(cfg.min_size_dhw),
-                "volumes": len(ds.reconstructions), "items": args.items,
+                "scans": len(ds), "volumes": sum(map(len, ds.reconstructions)), "items": args.items,
                 "getitem_ms": stats_ms(wall), "getitem_cpu_ms": stats_ms(cpu),
                 "model_inputs_ms_on_this_cpu": stats_ms(device_side),
                 "release_decode_ms": stats_ms(decode_wall), "release_decode_cpu_ms": stats_ms(decode_cpu),

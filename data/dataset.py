@@ -32,8 +32,8 @@ from __future__ import annotations
 
 import functools
 import json
-import math
 import logging
+import math
 import warnings
 from collections import defaultdict
 from pathlib import Path
@@ -86,13 +86,9 @@ def usable_anatomies(mask: np.ndarray, n_anatomies: int, boxes: dict[int, Box]) 
         if any(a > b for a, b in zip(lo, hi)):
             continue  # the box misses the crop
         inside = tuple(slice(a, b + 1) for a, b in zip(lo, hi))
-        on_face = False
-        for axis, n in enumerate(mask.shape):
-            for plane in {0, n - 1}:
-                if lo[axis] <= plane <= hi[axis] and not on_face:
-                    face = inside[:axis] + (plane,) + inside[axis + 1:]
-                    on_face = bool((mask[face] == k).any())
-        if on_face:
+        faces = (inside[:axis] + (plane,) + inside[axis + 1:]  # the part of a face the box crosses
+                 for axis, n in enumerate(mask.shape) for plane in {0, n - 1} if lo[axis] <= plane <= hi[axis])
+        if any((mask[face] == k).any() for face in faces):
             continue
         if all(b >= 0 for b in box[:3]) and all(b < n for b, n in zip(box[3:], mask.shape)):
             usable[k - 1] = True
@@ -112,8 +108,9 @@ def model_inputs(hu: torch.Tensor, mask: torch.Tensor, flip: torch.Tensor, hu_wi
     """Batch from ``collate`` -> (image (B,1,D,H,W) float32 in [0, 1], mask (B,D,H,W)), on ``hu``'s device.
 
     ``hu`` is an integer tensor (the cache's int16 HU). Flips each sample's axes where ``flip``
-    (B,3) is set, then clips ``hu_window`` and scales linearly (lo -> 0, hi -> 1): the same float32 values as ``data.cache.scale_hu`` (a test pins
-    it on CPU; a GPU may round the division by the width differently in the last bit).
+    (B,3) is set, then clips ``hu_window`` and scales linearly (lo -> 0, hi -> 1): the same
+    float32 values as ``data.cache.scale_hu`` (a test pins it on CPU; a GPU may round the
+    division by the width differently in the last bit).
     """
     lo, hi = float(hu_window[0]), float(hu_window[1])
     if hi <= lo:

@@ -129,7 +129,7 @@ def test_usable_rule_with_boxes_beyond_the_crop():
     """Boxes straddling the crop's edge: the crop's voxels decide (split and curved anatomies)."""
     volume = np.zeros((10, 10, 10), np.uint8)
     volume[1, 1, 1] = volume[6, 6, 4] = 1     # split: one part outside the crop, one inside, none on a face
-    volume[0, 8, 8] = volume[8, 1, 8] = 2     # both parts outside the crop: absent from it, box spans it
+    volume[0, 8, 2] = volume[8, 1, 6] = 2     # both parts outside the crop: absent from it, box spans it
     volume[4:6, 4:6, 4:6] = 3                 # inside the crop: usable
     volume[9, 9, 9] = 4                       # box misses the crop
     boxes = anatomy_boxes(volume)

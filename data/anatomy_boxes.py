@@ -1,10 +1,12 @@
 """Per-volume anatomy bounding boxes: the record that lets a training read skip whole-mask passes.
 
 ``preprocess`` writes, next to each cache mask ``.../{stem}.nii``, a sidecar
-``.../{stem}.boxes.json`` (before the mask, atomically, so a complete mask
-always has its record): ``{"shape_dhw": [D, H, W], "boxes": {"k": [d0, h0, w0,
-d1, h1, w1]}}`` with, for every anatomy id k present, the inclusive index range
-of its voxels per axis. With it, the training dataset decides spec §3's
+``.../{stem}.boxes.json``: ``{"shape_dhw": [D, H, W], "boxes": {"k": [d0, h0,
+w0, d1, h1, w1]}}`` with, for every anatomy id k present, the inclusive index
+range of its voxels per axis. It removes the old record before rewriting a case
+and writes the new one last (atomically), so a record always describes the mask
+beside it; a missing one only costs speed (the dataset computes the boxes from
+the mask). With it, the training dataset decides spec §3's
 "present in the crop" from the box (reading crop voxels only when the box
 straddles the crop edge), instead of a pass over the whole crop.
 """
@@ -57,17 +59,18 @@ def write_boxes(mask_dhw: np.ndarray, mask_path: str | Path) -> None:
 def read_boxes(mask_path: str | Path, shape_dhw: tuple[int, ...]) -> dict[int, Box] | None:
     """The mask's boxes, or ``None`` when it has no sidecar (caches written before it existed).
 
-    A sidecar whose shape differs from the mask's is stale (the mask was rewritten
-    by other means): ``ValueError`` naming it.
+    A sidecar that cannot be parsed, or whose shape differs from the mask's (the mask
+    was rewritten by other means), is a ``ValueError`` naming it.
     """
     path = boxes_path(mask_path)
     try:
         record = json.loads(path.read_text())
+        shape, boxes = tuple(record["shape_dhw"]), {int(k): tuple(box) for k, box in record["boxes"].items()}
     except FileNotFoundError:
         return None
-    except (OSError, ValueError) as exc:
-        raise ValueError(f"unreadable anatomy box record {path}: {exc}; delete it or re-run preprocess") from exc
-    if tuple(record["shape_dhw"]) != tuple(shape_dhw):
-        raise ValueError(f"{path} is for a {tuple(record['shape_dhw'])} mask but {mask_path} is {tuple(shape_dhw)}: "
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise ValueError(f"unreadable anatomy box record {path}: {exc!r}; delete it or re-run preprocess") from exc
+    if shape != tuple(shape_dhw):
+        raise ValueError(f"{path} is for a {shape} mask but {mask_path} is {tuple(shape_dhw)}: "
                          "delete it or re-run preprocess --overwrite")
-    return {int(k): tuple(box) for k, box in record["boxes"].items()}
+    return boxes

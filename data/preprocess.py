@@ -8,8 +8,8 @@ checked to be present after; a mask without any anatomy is a failed case.
 
 Cache format: ``processed_{split}_images/{patient}/{scan}/{stem}.nii`` uncompressed
 int16 HU (not scaled: ``data.cache.scale_hu`` clips and scales at read time) and
-``processed_{split}_masks/.../{stem}.nii`` uint8 anatomy ids (beside it the
-anatomy boxes ``{stem}.boxes.json``, ``data.anatomy_boxes``); the origin is moved
+``processed_{split}_masks/.../{stem}.nii`` uint8 anatomy ids, and beside it, written
+last, the anatomy boxes ``{stem}.boxes.json`` (``data.anatomy_boxes``); the origin is moved
 by the crop/pad offset, so the cache still overlays the fixed image in a viewer.
 ``data.cache.open_volume`` memory-maps them: a random crop reads only its voxels.
 
@@ -31,7 +31,7 @@ if __package__ in (None, ""):  # run as `python preprocess.py` from inside data/
 
 import numpy as np
 
-from data.anatomy_boxes import write_boxes
+from data.anatomy_boxes import boxes_path, write_boxes
 from data.cache import VolumeReadError, open_volume, read_geometry, write_volume
 from data.common import (NIFTI_GZ, CaseError, PipelineConfig, RunSummary, Task, list_inputs, load_pipeline_config,
                          nii_stem, run_cli, run_tasks, select_shard, step_parser, volume_relpath)
@@ -122,19 +122,20 @@ def preprocess_case(image_src: Path, mask_src: Path, image_dst: Path, mask_dst: 
     image, mask, window = _crop_pad(image_in, mask_in, cfg)
     shift_xyz = np.asarray(window.offset_dhw[::-1], dtype=np.float64) * spacing
     new_origin = np.asarray(origin) + np.asarray(direction).reshape(3, 3) @ shift_xyz
+    boxes_path(mask_dst).unlink(missing_ok=True)  # a record never outlives its mask (kill during --overwrite)
     write_volume(image_dst, image, spacing, new_origin, direction)
-    write_boxes(mask, mask_dst)  # before the mask: a complete mask always has its record
     write_volume(mask_dst, mask, spacing, new_origin, direction)
+    write_boxes(mask, mask_dst)  # last: the case is complete once its record exists
     return {"shape_dhw": image.shape, "offset_dhw": window.offset_dhw}
 
 
 def delete_intermediates(root: Path, split: str, names: Sequence[str]) -> int:
-    """Delete the intermediates of each case whose cache pair exists and is newer; returns the count.
+    """Delete the intermediates of each case whose cache is complete and newer; returns the count.
 
     Deleted: the resized pair, and the ``{split}_fixed`` volume when its raw source
     ``{split}/...`` is there to remake it (otherwise it may be the user's v2 download: kept).
-    The TotalSegmentator mask (~1 MB, GPU minutes) stays. The cache mask is written last
-    and atomically, so its presence means the case is complete; intermediates rewritten
+    The TotalSegmentator mask (~1 MB, GPU minutes) stays. The anatomy box record is written
+    last and atomically, so its presence means the case is complete; intermediates rewritten
     after it (a step re-run with --overwrite) are kept. The resized image, by which this
     step lists the case, goes last: after a kill the next run deletes what is left.
     """
@@ -145,10 +146,11 @@ def delete_intermediates(root: Path, split: str, names: Sequence[str]) -> int:
         image_src, mask_src = root / f"resized_{split}_images" / rel, root / f"resized_{split}_masks" / rel
         fixed, raw = root / f"{split}_fixed" / fixed_rel, root / split / fixed_rel
         cache_image, cache_mask = root / f"processed_{split}_images" / rel, root / f"processed_{split}_masks" / rel
-        if not (cache_image.is_file() and cache_mask.is_file() and image_src.is_file()):
+        record = boxes_path(cache_mask)
+        if not (cache_image.is_file() and cache_mask.is_file() and record.is_file() and image_src.is_file()):
             continue
         doomed = [p for p in ((fixed if raw.is_file() else None), mask_src) if p is not None and p.is_file()]
-        if cache_mask.stat().st_mtime < max(p.stat().st_mtime for p in [image_src, *doomed]):
+        if record.stat().st_mtime < max(p.stat().st_mtime for p in [image_src, *doomed]):
             continue
         for path in [*doomed, image_src]:
             path.unlink()
@@ -168,7 +170,7 @@ def run(data_root: str | Path, split: str, *, overwrite: bool = False, workers: 
         image_dst, mask_dst = root / f"processed_{split}_images" / rel, root / f"processed_{split}_masks" / rel
         fn = partial(preprocess_case, root / f"resized_{split}_images" / rel, root / f"resized_{split}_masks" / rel,
                      image_dst, mask_dst, cfg)
-        tasks.append(Task(name, (image_dst, mask_dst), fn))
+        tasks.append(Task(name, (image_dst, mask_dst, boxes_path(mask_dst)), fn))
     summary = run_tasks("preprocess", split, root, tasks, overwrite=overwrite, workers=workers, shard=shard,
                         pbar=pbar)
     if delete_intermediates_after:

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import torch
 
+from data import preprocess
 from data.anatomy_boxes import anatomy_boxes, boxes_path, write_boxes
 from data.cache import open_volume, scale_hu, write_volume
 from data.common import load_pipeline_config
 from data.dataset import CTRateTrainDataset, SampleReadError, collate, model_inputs, scan_id_of, usable_anatomies
-from data.preprocess import preprocess_case
 from data.texts import text_hash
 
 NAMES = ["lung", "heart", "esophagus", "aorta"]
@@ -31,14 +31,14 @@ def _volume(seed: int):
 
 
 def _write(root: Path, split: str, name: str, seed: int, volume=_volume):
-    """Write a cache pair as preprocess does (box record before the mask)."""
+    """Write a cache pair and its box record, as preprocess does."""
     stem = name[:-len(".nii.gz")]
     scan, patient = stem.rsplit("_", 1)[0], stem.rsplit("_", 2)[0]
     image, mask = volume(seed)
     mask_path = root / f"processed_{split}_masks" / patient / scan / f"{stem}.nii"
     write_volume(root / f"processed_{split}_images" / patient / scan / f"{stem}.nii", image, (1.0, 1.0, 3.0))
-    write_boxes(mask, mask_path)
     write_volume(mask_path, mask, (1.0, 1.0, 3.0))
+    write_boxes(mask, mask_path)
     return image, mask
 
 
@@ -284,12 +284,34 @@ def test_preprocess_writes_box_record(tmp_path):
     write_volume(src / "i.nii", image, (1.0, 1.0, 3.0))
     write_volume(src / "m.nii", mask, (1.0, 1.0, 3.0))
     cfg = dataclasses.replace(load_pipeline_config(), crop_margin_dhw=(1, 1, 1), min_size_dhw=(8, 16, 16))
-    preprocess_case(src / "i.nii", src / "m.nii", tmp_path / "i.nii", tmp_path / "m.nii", cfg)
+    preprocess.preprocess_case(src / "i.nii", src / "m.nii", tmp_path / "i.nii", tmp_path / "m.nii", cfg)
     record = json.loads(boxes_path(tmp_path / "m.nii").read_text())
     cached = open_volume(tmp_path / "m.nii")
     assert record == {"shape_dhw": list(cached.shape),
                       "boxes": {str(k): list(b) for k, b in anatomy_boxes(cached).items()}}
     assert sorted(record["boxes"]) == ["1", "2", "4"]
+
+
+def test_preprocess_redoes_a_case_without_its_box_record(tmp_path):
+    """The record is written last: a run killed before it leaves a case the next run redoes."""
+    image, mask = _volume(0)
+    for kind, array in (("images", image), ("masks", mask)):
+        write_volume(tmp_path / f"resized_train_{kind}" / "train_1" / "train_1_a" / "train_1_a_1.nii", array,
+                     (1.0, 1.0, 3.0))
+    config = Path(__file__).resolve().parents[1] / "configs" / "pipeline_demo.yaml"
+    record = boxes_path(tmp_path / "processed_train_masks" / "train_1" / "train_1_a" / "train_1_a_1.nii")
+    assert preprocess.run(tmp_path, "train", pbar=False, config=config).processed == 1
+    record.unlink()
+    assert preprocess.run(tmp_path, "train", pbar=False, config=config).processed == 1
+    assert record.is_file()
+
+
+def test_unreadable_box_record_raises_naming_it(cache):
+    root, _ = cache
+    record = boxes_path(root / "processed_train_masks" / "train_2" / "train_2_a" / "train_2_a_1.nii")
+    record.write_text(json.dumps({"boxes": {}}))
+    with pytest.raises(SampleReadError, match="train_2_a_1.boxes.json"):
+        _ds(root)[1]
 
 
 def test_loader_workers_give_the_batches_collate_gives(cache):

@@ -202,8 +202,8 @@ class CTRateTrainDataset(Dataset):
                 "the preprocess step pads to the crop size (check the pipeline config)")
         if boxes is None:
             warnings.warn(f"the masks under {mask_path.parents[2]} have no anatomy box records (*.boxes.json): each "
-                          "worker computes them from the whole mask on first use (slower); re-run the preprocess "
-                          "step with --overwrite to write them", RuntimeWarning, stacklevel=2)
+                          "worker computes them from the whole mask on first use (slower); re-running the "
+                          "preprocess step redoes the cases that lack them", RuntimeWarning, stacklevel=2)
             boxes = _boxes_from_mask(mask_path)
         starts = [int(rng.integers(0, s - c + 1)) for s, c in zip(image.shape, self.crop_size)]
         sl = tuple(slice(st, st + c) for st, c in zip(starts, self.crop_size))

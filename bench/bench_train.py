@@ -1,8 +1,8 @@
 """Seconds per training step and peak memory of fVLM pre-training.
 
-Same code path as train.py (train.build_model, engine.TrainStep, AnatomyContrastiveLoss,
-AdamW step); the batch is synthetic (random image, four interior anatomies, report-like
-texts of CT-RATE lengths) so no data is needed. Prints one JSON line per setting.
+Same code path as train.py (train.build_model, data.dataset.model_inputs, engine.TrainStep,
+AnatomyContrastiveLoss, AdamW step); the batch is synthetic (random int16 HU crop, four
+interior anatomies, report-like texts of CT-RATE lengths) so no data is needed. Prints one JSON line per setting.
 
     python bench/bench_train.py                      # CPU: demo preset, then ViT-B at batch 1 and 2
     python bench/bench_train.py --only demo --steps 5
@@ -41,6 +41,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
+from data.dataset import model_inputs  # noqa: E402
 from data.texts import text_hash  # noqa: E402
 from engine import TrainStep  # noqa: E402
 from models.loss import AnatomyContrastiveLoss  # noqa: E402
@@ -48,6 +49,7 @@ from train import build_model  # noqa: E402
 from utils.config import load_config  # noqa: E402
 
 ANATOMIES = ["lung", "heart", "esophagus", "aorta"]
+HU_WINDOW = (-1150, 350)
 # dense peak TFLOP/s by device name (SXM parts, no sparsity): bf16 tensor cores, fp32 without TF32
 PEAK_TFLOPS = {"H100": {"bf16": 989.0, "none": 67.0}, "H200": {"bf16": 989.0, "none": 67.0},
                "A100": {"bf16": 312.0, "none": 19.5}}
@@ -91,7 +93,8 @@ def _batch(batch: int, crop: tuple[int, int, int], device: torch.device) -> dict
     mask[:, d // 4: 3 * d // 4, 13 * h // 16: 7 * h // 8, w // 2: 9 * w // 16] = 3
     mask[:, d // 4: 3 * d // 4, 13 * h // 16: 7 * h // 8, 5 * w // 8: 3 * w // 4] = 4
     texts = _texts(batch)
-    return {"image": torch.rand(batch, 1, d, h, w, generator=g).to(device), "mask": mask.to(device),
+    hu = torch.randint(-1150, 351, (batch, 1, d, h, w), generator=g, dtype=torch.int16)
+    return {"hu": hu.to(device), "mask": mask.to(device), "flip": torch.rand(batch, 3, generator=g) < 0.2,
             "texts": texts, "text_hash": torch.tensor([[text_hash(t) for t in row] for row in texts]),
             "abnormal": torch.rand(batch, 4, generator=g) < 0.5,
             "usable": torch.ones(batch, 4, dtype=torch.bool)}
@@ -124,8 +127,9 @@ def bench(preset: str, batch: int, *, amp: str, steps: int, device: torch.device
     last: dict = {}
 
     def train_step() -> None:
+        image, mask = model_inputs(data["hu"], data["mask"], data["flip"], HU_WINDOW)  # as engine does
         with ctx:
-            out = step_module(data["image"], data["mask"], data["texts"], data["text_hash"], data["abnormal"],
+            out = step_module(image, mask, data["texts"], data["text_hash"], data["abnormal"],
                               data["usable"])
         out["loss"].backward()
         opt.step()

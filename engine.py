@@ -13,6 +13,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from data.dataset import model_inputs
 from utils.distributed import all_reduce_mean, is_main_process
 from utils.lr_sched import apply_lr, lr_at
 from utils.preset import Preset
@@ -62,8 +63,10 @@ def train_one_epoch(
     """One epoch; returns the epoch means of the logged values.
 
     ``step_module`` is the (possibly DDP-wrapped) ``TrainStep``; ``model`` the unwrapped FVLM
-    (temperature clamp); ``world_size`` the number of processes (for the samples/s figure). The LR
-    is set per optimiser step from ``utils.lr_sched.lr_at``.
+    (temperature clamp); ``world_size`` the number of processes (for the samples/s figure).
+    ``loader`` yields ``data.dataset.collate`` batches: their flips and HU scaling
+    (``model_inputs``, window ``loader.dataset.hu_window``) run here, on ``device``.
+    The LR is set per optimiser step from ``utils.lr_sched.lr_at``.
     Raises ``FloatingPointError`` on a non-finite loss, before any update from that step.
     """
     optim_cfg, model_cfg = cfg.optim, cfg.model
@@ -72,6 +75,7 @@ def train_one_epoch(
     amp = torch.autocast(device_type=device.type, dtype=torch.bfloat16) if optim_cfg.amp == "bf16" \
         else contextlib.nullcontext()
     is_ddp = isinstance(step_module, nn.parallel.DistributedDataParallel)
+    hu_window = loader.dataset.hu_window
     step_module.train()
     sums: dict[str, float] = {}
     counts: dict[str, int] = {}
@@ -91,11 +95,11 @@ def train_one_epoch(
                 step_stats = {}
             sync = (it + 1) % accum == 0
             ctx = step_module.no_sync() if (is_ddp and not sync) else contextlib.nullcontext()
+            image, mask = model_inputs(batch["hu"].to(device, non_blocking=True),
+                                       batch["mask"].to(device, non_blocking=True), batch["flip"], hu_window)
             with ctx:
                 with amp:
-                    out = step_module(batch["image"].to(device, non_blocking=True),
-                                      batch["mask"].to(device, non_blocking=True),
-                                      batch["texts"], batch["text_hash"], batch["abnormal"], batch["usable"])
+                    out = step_module(image, mask, batch["texts"], batch["text_hash"], batch["abnormal"], batch["usable"])
                 loss = out["loss"]
                 loss_value = loss.item()
                 if not math.isfinite(loss_value):

@@ -1,17 +1,24 @@
-"""Data pipeline benchmark: seconds per volume for fix, resize, preprocess, and the training-crop read.
+"""Data benchmark: pipeline seconds per volume, the training read, bytes per volume per stage.
 
-Generates ``--n`` realistic synthetic volumes (512x512x~240, ~0.7x0.7x1.5 mm) in a
-temporary folder, runs the steps with one worker on one thread (SimpleITK, OpenMP
-and MKL limited to 1; ``--pin`` also pins the process to one CPU), and times one
-random training crop (image + mask, flips with p = 0.2 per axis, ``scale_hu``)
-read from the memory-mapped cache against decoding the same volume from its
-``.nii.gz`` (the raw CT-RATE-style file and the gzip mask). Prints one JSON line
-with wall seconds and, since the host may be shared, CPU seconds per step, plus
-the total scaled linearly to a 512x512x240 volume. Targets: fix + resize +
-preprocess <= 3.6 s per 512x512x240 volume; one crop <= 33 ms and >= 20x faster. Masks come from the generator's ground truth
-(``generate_mask --masks-from``; TotalSegmentator itself is not timed).
+Generates ``--n`` realistic synthetic patients (512x512x~240 volumes, ~0.7x0.7x1.5 mm)
+in a temporary folder and prints one JSON line per part (``--only`` picks parts):
 
-    python bench/bench_data.py [--n 1] [--crops 20] [--config configs/pipeline.yaml]
+- ``pipeline``: fix + resize + preprocess with one worker on one thread (SimpleITK,
+  OpenMP and MKL limited to 1), wall and CPU seconds per volume, also scaled
+  linearly to 512x512x240. Masks come from the generator's ground truth
+  (``generate_mask --masks-from``; TotalSegmentator itself is not timed).
+- ``read``: ``CTRateTrainDataset.__getitem__`` itself (the code train.py runs; crop
+  (112, 256, 352), flips p = 0.2) on caches of several shapes cut or padded from
+  the pipeline's cache (``--shapes``; the first is exactly the crop), one process
+  pinned to one CPU; ``model_inputs`` (flips + HU scaling, on the training device
+  in train.py) timed on this CPU too; the baseline, in the same run, decoding the
+  same cache stored as the release stores it (float32 ``.nii.gz`` image + uint8
+  ``.nii.gz`` mask, SimpleITK); then DataLoader items/s with 1, 2, 4 and 8
+  workers (``--workers``; not pinned: above the host's core count they share cores).
+- ``disk``: bytes per volume in each output folder, ``{split}_fixed`` at gzip level 1
+  (with its write and read-back time), and the release's files for the same volumes.
+
+    python bench/bench_data.py [--n 2] [--items 60] [--only read] [--pin] [--work-dir DIR]
 """
 from __future__ import annotations
 
@@ -19,11 +26,13 @@ import argparse
 import json
 import os
 import platform
+import resource
+import shutil
 import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"):
     os.environ[_var] = "1"
@@ -31,107 +40,244 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 import SimpleITK as sitk  # noqa: E402
+import torch  # noqa: E402
 
 from data import fix_data, generate_mask, preprocess, resize  # noqa: E402
-from data.io import image_to_mask_path, list_volumes, open_volume, scale_hu  # noqa: E402
-from data.common import load_pipeline_config, volume_relpath  # noqa: E402
+from data.anatomy_boxes import write_boxes  # noqa: E402
+from data.common import PipelineConfig, load_pipeline_config  # noqa: E402
+from data.dataset import CTRateTrainDataset, collate, model_inputs  # noqa: E402
+from data.io import image_to_mask_path, list_volumes, open_volume, scale_hu, write_volume  # noqa: E402
 from data.synthetic import generate_dataset  # noqa: E402
 
-
-def random_crop(image: np.ndarray, mask: np.ndarray, size: Sequence[int], rng: np.random.Generator,
-                hu_window: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
-    """The training read: random crop of both, random flips (p = 0.2 per axis), HU scaling."""
-    starts = [int(rng.integers(0, n - s + 1)) for n, s in zip(image.shape, size)]
-    window = tuple(slice(a, a + s) for a, s in zip(starts, size))
-    image, mask = image[window], mask[window]
-    flips = tuple(axis for axis in range(3) if rng.random() < 0.2)
-    if flips:
-        image, mask = np.flip(image, flips), np.flip(mask, flips)
-    return scale_hu(image, hu_window), np.ascontiguousarray(mask)
+PARTS = ("pipeline", "read", "disk")
+STAGES = ("train", "train_fixed", "train_mask", "resized_train_images", "resized_train_masks",
+          "processed_train_images", "processed_train_masks")
 
 
-def timed(fn) -> float:
-    start = time.perf_counter()
+def timed(fn: Callable[[], object]) -> tuple[float, float]:
+    """(wall, CPU) seconds of ``fn()``; CPU time is steadier on a shared host."""
+    cpu, wall = time.process_time(), time.perf_counter()
     fn()
-    return time.perf_counter() - start
+    return time.perf_counter() - wall, time.process_time() - cpu
 
 
-def timed_cpu(fn, cpu: dict[str, float], key: str) -> float:
-    """Wall seconds of ``fn()``; its CPU seconds go to ``cpu[key]`` (the host is shared: CPU time is steadier)."""
-    start = time.process_time()
-    wall = timed(fn)
-    cpu[key] = time.process_time() - start
-    return wall
+def stats_ms(seconds: Sequence[float]) -> dict[str, float]:
+    ms = np.asarray(seconds) * 1e3
+    return {"min": round(float(ms.min()), 2), "median": round(float(np.median(ms)), 2),
+            "max": round(float(ms.max()), 2)}
+
+
+def machine() -> dict[str, object]:
+    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                  if line.startswith("model name")), platform.machine())
+    return {"cpu": model, "cores": os.cpu_count(), "load_avg_1min": round(os.getloadavg()[0], 2),
+            "torch_threads": torch.get_num_threads()}
+
+
+def run_pipeline(root: Path, config: Path) -> dict[str, object]:
+    common = dict(split="train", workers=1, pbar=False, overwrite=True)
+    fixed = timed(lambda: fix_data.run(root, **common))
+    generate_mask.run(root, masks_from=root / "totalseg_gt", **common)
+    resized = timed(lambda: resize.run(root, config=config, **common))
+    processed = timed(lambda: preprocess.run(root, config=config, **common))
+    n = len(list_volumes(root, "train"))
+    shapes = [sitk.ReadImage(str(p)).GetSize()[::-1] for p in sorted((root / "train").glob("*/*/*.nii.gz"))]
+    to_target = 512 * 512 * 240 / float(np.mean([np.prod(s) for s in shapes]))  # linear in voxels
+    wall = {k: v[0] / n for k, v in (("fix", fixed), ("resize", resized), ("preprocess", processed))}
+    cpu = {k: v[1] / n for k, v in (("fix", fixed), ("resize", resized), ("preprocess", processed))}
+    return {"part": "pipeline", "volumes": n, "raw_shapes_dhw": shapes,
+            "seconds_per_volume": {k: round(v, 3) for k, v in wall.items()},
+            "cpu_seconds_per_volume": {k: round(v, 3) for k, v in cpu.items()},
+            "fix_resize_preprocess_s_at_512x512x240": round(sum(wall.values()) * to_target, 3),
+            "fix_resize_preprocess_cpu_s_at_512x512x240": round(sum(cpu.values()) * to_target, 3)}
+
+
+def reshaped_cache(src: Path, dst: Path, shape: Sequence[int], cfg: PipelineConfig) -> Path:
+    """Copy of the cache under ``src`` cut or padded (centred, as preprocess pads) to ``shape``, written as
+    preprocess writes it, plus the release's format of the same arrays in ``dst/release``."""
+    for image_path in list_volumes(src, "train"):
+        rel = image_path.relative_to(src / "processed_train_images")
+        image, mask = open_volume(image_path), open_volume(image_to_mask_path(image_path))
+        start = [max((n - s) // 2, 0) for n, s in zip(image.shape, shape)]
+        window = preprocess.CropPad(
+            tuple(start), tuple(min(a + s, n) for a, s, n in zip(start, shape, image.shape)),
+            tuple(max(s - n, 0) // 2 for s, n in zip(shape, image.shape)),
+            tuple(max(s - n, 0) - max(s - n, 0) // 2 for s, n in zip(shape, image.shape)))
+        image = preprocess.apply_crop_pad(image, window, cfg.pad_hu)
+        mask = preprocess.apply_crop_pad(mask, window, 0)
+        mask_path = dst / "processed_train_masks" / rel
+        write_volume(dst / "processed_train_images" / rel, image, (1.0, 1.0, 3.0))
+        write_boxes(mask, mask_path)
+        write_volume(mask_path, mask, (1.0, 1.0, 3.0))
+        release = dst / "release" / rel.with_suffix(".nii.gz")
+        release.parent.mkdir(parents=True, exist_ok=True)
+        sitk.WriteImage(sitk.GetImageFromArray(scale_hu(image, cfg.hu_window)), str(release), useCompression=True)
+        sitk.WriteImage(sitk.GetImageFromArray(mask), str(release.with_name("mask_" + release.name)),
+                        useCompression=True)
+    for name in ("desc_info.json", "conc_info.json"):
+        shutil.copy(src / name, dst / name)
+    return dst
+
+
+def time_items(ds: CTRateTrainDataset, n_items: int, decode: Callable[[int], None], n_decodes: int
+               ) -> tuple[list[tuple[float, float]], list[float], list[tuple[float, float]]]:
+    """(wall, CPU) seconds of ``ds[i]``, seconds of ``model_inputs`` on its item, and (wall, CPU) of
+    ``decode(k)`` interleaved with the items (the host's load then weighs on both alike); first pass untimed."""
+    for i in range(len(ds)):
+        ds[i]
+    items, device_side, decodes = [], [], []
+    every = max(n_items // n_decodes, 1)
+    for k in range(n_items):
+        ds.set_epoch(1 + k // len(ds))
+        item: dict = {}
+        items.append(timed(lambda: item.update(ds[k % len(ds)])))
+        batch = collate([item])
+        device_side.append(timed(lambda: model_inputs(batch["hu"], batch["mask"], batch["flip"], ds.hu_window))[0])
+        if k % every == 0 and len(decodes) < n_decodes:
+            decodes.append(timed(lambda: decode(len(decodes))))
+    return items, device_side, decodes
+
+
+def loader_rate(ds: CTRateTrainDataset, workers: int, n_items: int, batch: int) -> tuple[float, float]:
+    """(items/s, CPU ms per item of workers + main process) through ``DataLoader`` with ``collate``.
+
+    Timed after the first batch; the workers' CPU time is theirs once they exit (end of iteration).
+    """
+    order = [i % len(ds) for i in range(n_items + batch)]
+    loader = torch.utils.data.DataLoader(ds, batch_size=batch, sampler=order, num_workers=workers,
+                                         collate_fn=collate)
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = time.process_time()
+    it = iter(loader)
+    next(it)
+    start = time.perf_counter()
+    count = sum(len(b["scan_id"]) for b in it)
+    rate = count / (time.perf_counter() - start)
+    del it
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu_s = time.process_time() - cpu + (after.ru_utime + after.ru_stime) - (children.ru_utime + children.ru_stime)
+    return rate, cpu_s / (count + batch) * 1e3
+
+
+def run_read(root: Path, work: Path, cfg: PipelineConfig, args: argparse.Namespace) -> list[dict[str, object]]:
+    all_cpus = os.sched_getaffinity(0)
+    lines = []
+    for shape in args.shapes:
+        cache = reshaped_cache(root, work / ("x".join(map(str, shape))), shape, cfg)
+        ds = CTRateTrainDataset(cache, anatomy_names=cfg.anatomy_names, crop_size=cfg.min_size_dhw,
+                                hu_window=cfg.hu_window, flip_prob=0.2, seed=args.seed)
+        os.sched_setaffinity(0, {min(all_cpus)})
+        torch.set_num_threads(1)
+        releases = sorted((cache / "release").glob("*/*/train_*.nii.gz"))
+
+        def decode(k: int) -> None:  # the release's loader: decode the whole image and mask
+            path = releases[k % len(releases)]
+            sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
+            sitk.GetArrayFromImage(sitk.ReadImage(str(path.with_name("mask_" + path.name))))
+        try:
+            items, device_side, decodes = time_items(ds, args.items, decode, args.decodes)
+        finally:
+            os.sched_setaffinity(0, all_cpus)
+        wall, cpu = [w for w, _ in items], [c for _, c in items]
+        decode_wall, decode_cpu = [w for w, _ in decodes], [c for _, c in decodes]
+        line = {"part": "read", "cache_shape_dhw": list(shape), "crop_dhw": list(cfg.min_size_dhw),
+                "scans": len(ds), "volumes": sum(map(len, ds.reconstructions)), "items": args.items,
+                "getitem_ms": stats_ms(wall), "getitem_cpu_ms": stats_ms(cpu),
+                "model_inputs_ms_on_this_cpu": stats_ms(device_side),
+                "release_decode_ms": stats_ms(decode_wall), "release_decode_cpu_ms": stats_ms(decode_cpu),
+                "speedup_vs_release_decode": {"wall_median": round(float(np.median(decode_wall) / np.median(wall)), 1),
+                                              "cpu_median": round(float(np.median(decode_cpu) / np.median(cpu)), 1)},
+                "pinned_one_cpu": True}
+        if shape == tuple(args.shapes[0]):
+            rates = {w: loader_rate(ds, w, args.loader_items, args.batch) for w in args.workers}
+            line["loader_items_per_s"] = {str(w): round(r, 1) for w, (r, _) in rates.items()}
+            line["loader_cpu_ms_per_item"] = {str(w): round(c, 1) for w, (_, c) in rates.items()}
+            line["loader_batch"] = args.batch
+            # cores a node needs per 100 items/s: from the bare item (CPU time) and through the DataLoader
+            line["cores_per_100_items_per_s"] = {
+                "getitem": round(100 * float(np.median(cpu)), 2),
+                "loader_1_worker": round(100 * rates[min(args.workers)][1] / 1e3, 2)}
+        lines.append(line)
+    return lines
+
+
+def folder_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file() and not p.name.startswith("."))
+
+
+def run_disk(root: Path, work: Path, cfg: PipelineConfig, config: Path) -> dict[str, object]:
+    n = len(list_volumes(root, "train"))
+    per_volume = {stage: round(folder_bytes(root / stage) / n / 1e6, 1) for stage in STAGES}
+    # {split}_fixed at level 1 (fix's --compresslevel 1), and resize reading it back
+    copy = work / "level1"
+    shutil.copytree(root, copy, ignore=shutil.ignore_patterns("processed_*", "resized_*"))
+    common = dict(workers=1, pbar=False, overwrite=True)
+    fix_wall = timed(lambda: fix_data.run(copy, "train", **common))[0]
+    resize_wall = timed(lambda: resize.run(copy, "train", config=config, **common))[0]
+    fix1_wall = timed(lambda: fix_data.run(copy, "train", compresslevel=1, **common))[0]
+    resize1_wall = timed(lambda: resize.run(copy, "train", config=config, **common))[0]
+    level1_mb = folder_bytes(copy / "train_fixed") / n / 1e6
+    shutil.rmtree(copy)
+    # the release's files for the same volumes: fixed int16 .nii.gz, TotalSegmentator mask .nii.gz
+    # (as ours), processed float32 image + mask .nii.gz (SimpleITK, default compression)
+    release = work / "release_files"
+    release.mkdir()
+    fixed_mb = 0.0
+    for path in sorted((root / "train_fixed").glob("*/*/*.nii.gz")):
+        sitk.WriteImage(sitk.ReadImage(str(path)), str(release / "fixed.nii.gz"), useCompression=True)
+        fixed_mb += (release / "fixed.nii.gz").stat().st_size / 1e6
+    processed_mb = 0.0
+    for image_path in list_volumes(root, "train"):
+        image, mask = open_volume(image_path), open_volume(image_to_mask_path(image_path))
+        sitk.WriteImage(sitk.GetImageFromArray(scale_hu(image, cfg.hu_window)), str(release / "image.nii.gz"),
+                        useCompression=True)
+        sitk.WriteImage(sitk.GetImageFromArray(np.ascontiguousarray(mask)), str(release / "mask.nii.gz"),
+                        useCompression=True)
+        processed_mb += sum((release / f).stat().st_size for f in ("image.nii.gz", "mask.nii.gz")) / 1e6
+    shutil.rmtree(release)
+    return {"part": "disk", "volumes": n, "mb_per_volume": per_volume,
+            "fixed_level1_mb_per_volume": round(level1_mb, 1),
+            "fix_s_per_volume": {"level0": round(fix_wall / n, 3), "level1": round(fix1_wall / n, 3)},
+            "resize_s_per_volume": {"level0_input": round(resize_wall / n, 3),
+                                    "level1_input": round(resize1_wall / n, 3)},
+            "release_mb_per_volume": {"fixed": round(fixed_mb / n, 1), "mask": per_volume["train_mask"],
+                                      "processed": round(processed_mb / n, 1)}}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--n", type=int, default=1, help="realistic training patients to generate (1-2 volumes each)")
-    parser.add_argument("--crops", type=int, default=20, help="random crops to time")
+    parser.add_argument("--n", type=int, default=2, help="realistic training patients to generate (1-2 volumes each)")
+    parser.add_argument("--only", choices=PARTS, nargs="+", default=list(PARTS))
+    parser.add_argument("--items", type=int, default=60, help="__getitem__ calls timed per cache shape")
+    parser.add_argument("--decodes", type=int, default=5, help="release-format decodes timed per cache shape")
+    parser.add_argument("--shapes", type=lambda s: tuple(int(v) for v in s.split("x")), nargs="+",
+                        default=[(112, 256, 352), (144, 320, 416), (176, 384, 480)],
+                        help="cache shapes DxHxW; the first gets the DataLoader figures")
+    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2, 4, 8])
+    parser.add_argument("--loader-items", type=int, default=96, help="items per DataLoader setting")
+    parser.add_argument("--batch", type=int, default=4, help="DataLoader batch size")
     parser.add_argument("--config", type=Path, default=Path("configs/pipeline.yaml"))
-    parser.add_argument("--pin", action="store_true", help="pin the process to one CPU")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--work-dir", type=Path, default=None,
                         help="keep the generated data here and reuse it on the next run (default: a temp dir)")
     args = parser.parse_args(argv)
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)
-    if args.pin:
-        os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})
     cfg = load_pipeline_config(args.config)
-    crop_size = cfg.min_size_dhw
+    if tuple(args.shapes[0]) != tuple(cfg.min_size_dhw):
+        parser.error(f"the first --shapes must be the crop {cfg.min_size_dhw}")
     with tempfile.TemporaryDirectory(prefix="bench_data_") as tmp:
-        root = args.work_dir or Path(tmp)
+        root = args.work_dir or Path(tmp) / "data"
         if not (root / "metadata").is_dir():
             generate_dataset(root, n_train=args.n, n_valid=1, seed=args.seed, realistic=True)  # valid unused
-        common = dict(split="train", workers=1, pbar=False, overwrite=True)
-        cpu: dict[str, float] = {}
-        seconds = {"fix": timed_cpu(lambda: fix_data.run(root, **common), cpu, "fix")}
-        generate_mask.run(root, masks_from=root / "totalseg_gt", **common)
-        seconds["resize"] = timed_cpu(lambda: resize.run(root, config=args.config, **common), cpu, "resize")
-        seconds["preprocess"] = timed_cpu(lambda: preprocess.run(root, config=args.config, **common), cpu,
-                                          "preprocess")
-        volumes = list_volumes(root, "train")
-        shapes = [sitk.ReadImage(str(p)).GetSize()[::-1] for p in sorted((root / "train").glob("*/*/*.nii.gz"))]
-
-        rng = np.random.default_rng(args.seed)
-        cache_times, cache_cpu = [], []
-        for i in range(args.crops):
-            path = volumes[i % len(volumes)]
-            start = time.process_time()
-            cache_times.append(timed(lambda: random_crop(open_volume(path), open_volume(image_to_mask_path(path)),
-                                                         crop_size, rng, cfg.hu_window)))
-            cache_cpu.append(time.process_time() - start)
-        name = volumes[0].name[: -len(".nii")] + ".nii.gz"
-        image_gz = root / "train" / volume_relpath(name)  # the CT-RATE-style compressed volume
-        mask_gz = root / "train_mask" / volume_relpath(name)
-
-        def decode_and_crop() -> None:
-            image_sitk, mask_sitk = sitk.ReadImage(str(image_gz)), sitk.ReadImage(str(mask_gz))
-            image, mask = sitk.GetArrayViewFromImage(image_sitk), sitk.GetArrayViewFromImage(mask_sitk)
-            random_crop(image, mask, [min(s, n) for s, n in zip(crop_size, image.shape)], rng, cfg.hu_window)
-
-        decode_times = [timed(decode_and_crop) for _ in range(3)]
-    per_volume = {k: v / len(volumes) for k, v in seconds.items()}
-    to_target = 512 * 512 * 240 / float(np.mean([np.prod(shape) for shape in shapes]))  # linear in voxels
-    cpu_per_volume = {k: v / len(volumes) for k, v in cpu.items()}
-    crop_ms = float(np.median(cache_times) * 1e3)
-    decode_ms = float(np.median(decode_times) * 1e3)
-    print(json.dumps({
-        "bench": "data_pipeline", "volumes": len(volumes), "raw_shapes_dhw": shapes, "threads": 1,
-        "fix_s": round(per_volume["fix"], 3), "resize_s": round(per_volume["resize"], 3),
-        "preprocess_s": round(per_volume["preprocess"], 3),
-        "fix_resize_preprocess_s": round(sum(per_volume.values()), 3),
-        "cpu_s": {k: round(v, 3) for k, v in cpu_per_volume.items()},
-        "fix_resize_preprocess_cpu_s": round(sum(cpu_per_volume.values()), 3),
-        "fix_resize_preprocess_s_at_512x512x240": round(sum(per_volume.values()) * to_target, 3),
-        "fix_resize_preprocess_cpu_s_at_512x512x240": round(sum(cpu_per_volume.values()) * to_target, 3),
-        "load_avg_1min": round(os.getloadavg()[0], 2),
-        "crop_read_ms_median": round(crop_ms, 2),
-        "crop_read_cpu_ms_median": round(float(np.median(cache_cpu)) * 1e3, 2), "crop_read_ms_max": round(max(cache_times) * 1e3, 2),
-        "nii_gz_decode_crop_ms": round(decode_ms, 1), "crop_speedup": round(decode_ms / crop_ms, 1),
-        "crop_size_dhw": list(crop_size), "cpu": platform.processor() or platform.machine(),
-        "pinned": args.pin,
-    }))
+        if "pipeline" in args.only or not list_volumes(root, "train"):
+            print(json.dumps(run_pipeline(root, args.config) | machine()), flush=True)
+        work = Path(tmp) / "work"
+        work.mkdir()
+        if "read" in args.only:
+            for line in run_read(root, work, cfg, args):
+                print(json.dumps(line | machine()), flush=True)
+        if "disk" in args.only:
+            print(json.dumps(run_disk(root, work, cfg, args.config) | machine()), flush=True)
     return 0
 
 

@@ -1,13 +1,22 @@
 """Seconds per training step and peak memory of fVLM pre-training.
 
 Same code path as train.py (utils.preset.load_preset, models.builder.build_model,
-engine.TrainStep, AnatomyContrastiveLoss, AdamW step); the batch is synthetic (random image, four interior anatomies, report-like
-texts of CT-RATE lengths) so no data is needed. Prints one JSON line per setting.
+data.dataset.model_inputs, engine.TrainStep, AnatomyContrastiveLoss, AdamW step); the batch is
+synthetic (random int16 HU crop, four interior anatomies, report-like texts of CT-RATE lengths)
+so no data is needed. Prints one JSON line per setting.
 
     python bench/bench_train.py                      # CPU: demo preset, then ViT-B at batch 1 and 2
     python bench/bench_train.py --only demo --steps 5
     python bench/bench_train.py --only paper --batch-sizes 1   # ViT-B, ~30+ s per step on 2 cores
     python bench/bench_train.py --only gpu           # GPU: ViT-B batch 14 fp32 + bf16, largest batch
+    python bench/bench_train.py --only gpu --device cpu --preset demo.yaml --batch 4 --no-largest-batch
+                                                     # the same report on the CPU, to check the script
+
+The gpu report adds, per precision, the share of the step spent in the text tower (its
+forward + backward timed alone on the step's texts, deduplicated and padded as in
+training) and the model FLOPs per step (torch.utils.flop_counter: matmuls, convolutions,
+attention; forward + backward) with the model FLOPs utilisation against the device's
+dense peak (``PEAK_TFLOPS``; fp32 is measured without TF32 matmuls, PyTorch's default).
 
 The text encoder is a directory of randomly initialised weights in the preset's BERT shape
 (the demo's: ``text_pretrain.init``; the paper's: the size of CXR-BERT, hidden 768, 12
@@ -29,11 +38,13 @@ import time
 from pathlib import Path
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
+from data.dataset import model_inputs  # noqa: E402
 from data.texts import text_hash  # noqa: E402
 from engine import TrainStep  # noqa: E402
 from models.builder import build_model  # noqa: E402
@@ -41,6 +52,10 @@ from models.loss import AnatomyContrastiveLoss  # noqa: E402
 from utils.preset import load_preset  # noqa: E402
 
 ANATOMIES = ["lung", "heart", "esophagus", "aorta"]
+HU_WINDOW = (-1150, 350)
+# dense peak TFLOP/s by device name (SXM parts, no sparsity): bf16 tensor cores, fp32 without TF32
+PEAK_TFLOPS = {"H100": {"bf16": 989.0, "none": 67.0}, "H200": {"bf16": 989.0, "none": 67.0},
+               "A100": {"bf16": 312.0, "none": 19.5}}
 # words per anatomy text, cycling over samples (CT-RATE sample: lung mean 70, p90 124, max 290)
 WORDS = {"lung": [62, 124, 45, 80, 290, 70, 95], "heart": [19, 26, 17, 34], "esophagus": [20, 21, 17, 36],
          "aorta": [6, 36, 15, 91]}
@@ -87,14 +102,16 @@ def _batch(batch: int, crop: tuple[int, int, int], device: torch.device) -> dict
     mask[:, d // 4: 3 * d // 4, 13 * h // 16: 7 * h // 8, w // 2: 9 * w // 16] = 3
     mask[:, d // 4: 3 * d // 4, 13 * h // 16: 7 * h // 8, 5 * w // 8: 3 * w // 4] = 4
     texts = _texts(batch)
-    return {"image": torch.rand(batch, 1, d, h, w, generator=g).to(device), "mask": mask.to(device),
+    hu = torch.randint(-1150, 351, (batch, 1, d, h, w), generator=g, dtype=torch.int16)
+    return {"hu": hu.to(device), "mask": mask.to(device), "flip": torch.rand(batch, 3, generator=g) < 0.2,
             "texts": texts, "text_hash": torch.tensor([[text_hash(t) for t in row] for row in texts]),
             "abnormal": torch.rand(batch, 4, generator=g) < 0.5,
             "usable": torch.ones(batch, 4, dtype=torch.bool)}
 
 
 def bench(preset: str, batch: int, *, amp: str, steps: int, device: torch.device, paper_bert: bool,
-          grad_checkpointing: bool = False) -> dict:
+          grad_checkpointing: bool = False, detail: bool = False) -> dict:
+    """One setting; ``detail`` adds the text tower's share of the step, model FLOPs and MFU."""
     path = REPO_ROOT / "configs" / preset
     with tempfile.TemporaryDirectory() as tmp:
         torch.manual_seed(0)
@@ -112,32 +129,65 @@ def bench(preset: str, batch: int, *, amp: str, steps: int, device: torch.device
     step_module.train()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    times = []
-    for i in range(steps + 1):  # the first step is warm-up
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
+    last: dict = {}
+
+    def train_step() -> None:
+        image, mask = model_inputs(data["hu"], data["mask"], data["flip"], HU_WINDOW)  # as engine does
         with ctx:
-            out = step_module(data["image"], data["mask"], data["texts"], data["text_hash"], data["abnormal"],
-                                  data["usable"])
+            out = step_module(image, mask, data["texts"], data["text_hash"], data["abnormal"],
+                              data["usable"])
         out["loss"].backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        if i:
-            times.append(time.perf_counter() - t0)
+        last["out"] = out
+
+    def text_tower_step() -> None:  # every pair is usable in this batch: these are the step's texts
+        with ctx:
+            feats = model.encode_texts([t for row in data["texts"] for t in row], tokenizer,
+                                       cfg.model.text_max_length, device=device)
+        feats.float().sum().backward()
+        opt.zero_grad(set_to_none=True)
+
+    times = _timed(train_step, steps, device)
+    out = last["out"]
     n_tokens = tokenizer(data["texts"][0], padding="longest", truncation=True,
                          max_length=cfg.model.text_max_length)["input_ids"]
     res = {"preset": preset, "batch": batch, "amp": amp, "grad_checkpointing": grad_checkpointing,
            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
            "sec_per_step": round(sum(times) / len(times), 4), "samples_per_s": round(batch * len(times) / sum(times), 3),
-           "steps_timed": len(times), "text_tokens_lung": len(n_tokens[0]), "loss": round(float(out["loss"]), 4)}
+           "steps_timed": len(times), "text_tokens_lung": len(n_tokens[0]), "loss": round(float(out["loss"].detach()), 4)}
     if device.type == "cuda":
         res["peak_mem_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
     else:
         res["peak_rss_gib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)
+    if detail:
+        text_times = _timed(text_tower_step, steps, device)
+        res["text_tower_sec"] = round(sum(text_times) / len(text_times), 4)
+        res["text_tower_share"] = round(sum(text_times) / sum(times), 3)
+        with FlopCounterMode(display=False) as flops:
+            train_step()
+        sec = sum(times) / len(times)
+        res["model_gflop_per_step"] = round(flops.get_total_flops() / 1e9, 1)
+        res["achieved_tflops"] = round(flops.get_total_flops() / sec / 1e12, 3)
+        peak = next((v[amp] for k, v in PEAK_TFLOPS.items() if k in res["device"]), None)
+        res["peak_tflops"] = peak
+        res["mfu"] = round(res["achieved_tflops"] / peak, 4) if peak else None
     return res
+
+
+def _timed(fn, steps: int, device: torch.device) -> list[float]:
+    """Seconds of ``steps`` calls of ``fn`` after one warm-up call, synchronised on a GPU."""
+    times = []
+    for i in range(steps + 1):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        if i:
+            times.append(time.perf_counter() - t0)
+    return times
 
 
 def _subprocess(preset: str, batch: int, steps: int, paper_bert: bool) -> None:
@@ -149,10 +199,10 @@ def _subprocess(preset: str, batch: int, steps: int, paper_bert: bool) -> None:
         print(r.stdout.strip().splitlines()[-1], flush=True)
 
 
-def _largest_batch(device: torch.device, amp: str, start: int) -> int:
+def _largest_batch(device: torch.device, amp: str, start: int, preset: str) -> int:
     def fits(b: int) -> bool:
         try:
-            bench("ctrate.yaml", b, amp=amp, steps=1, device=device, paper_bert=True)
+            bench(preset, b, amp=amp, steps=1, device=device, paper_bert=preset == "ctrate.yaml")
             return True
         except torch.OutOfMemoryError:
             return False
@@ -172,6 +222,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--only", choices=["demo", "paper", "gpu"], action="append")
     p.add_argument("--steps", type=int, default=3, help="timed steps per setting (after one warm-up step)")
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 2], help="paper-size CPU batches")
+    p.add_argument("--device", default="cuda", help="gpu report: device (cpu to check the script)")
+    p.add_argument("--preset", default="ctrate.yaml", help="gpu report: preset in configs/")
+    p.add_argument("--batch", type=int, default=14, help="gpu report: batch per step (the paper's 14 per GPU)")
+    p.add_argument("--no-largest-batch", dest="largest_batch", action="store_false",
+                   help="gpu report: skip the search for the largest batch that fits")
     p.add_argument("--_one", nargs=4, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     cpu = torch.device("cpu")
@@ -188,14 +243,16 @@ def main(argv: list[str] | None = None) -> int:
         for b in args.batch_sizes:
             _subprocess("ctrate.yaml", b, min(args.steps, 2), True)
     if "gpu" in only:
-        gpu = torch.device("cuda")
+        gpu = torch.device(args.device)
+        paper_bert = args.preset == "ctrate.yaml"
         for amp in ("none", "bf16"):
-            print(json.dumps(bench("ctrate.yaml", 14, amp=amp, steps=args.steps, device=gpu, paper_bert=True)),
-                  flush=True)
-            torch.cuda.empty_cache()
-        for amp in ("none", "bf16"):
-            b = _largest_batch(gpu, amp, 16)
-            print(json.dumps({"preset": "ctrate.yaml", "amp": amp, "largest_batch": b,
+            print(json.dumps(bench(args.preset, args.batch, amp=amp, steps=args.steps, device=gpu,
+                                   paper_bert=paper_bert, detail=True)), flush=True)
+            if gpu.type == "cuda":
+                torch.cuda.empty_cache()
+        for amp in ("none", "bf16") if args.largest_batch else ():
+            b = _largest_batch(gpu, amp, 16, args.preset)
+            print(json.dumps({"preset": args.preset, "amp": amp, "largest_batch": b,
                               "device": torch.cuda.get_device_name(gpu)}), flush=True)
     return 0
 

@@ -2,12 +2,23 @@
 
 One item per scan (``train_1_a``); each access picks one of the scan's
 reconstructions at random, takes a random crop of ``crop_size`` (the same for
-image and mask) straight from the memory-mapped volumes, flips each of the three
-axes with probability ``flip_prob`` and scales the image with ``hu_window``.
+image and mask) straight from the memory-mapped volumes and draws a flip with
+probability ``flip_prob`` for each of the three axes.
 
-Array layout: every volume and crop is ``(D, H, W)`` = ``(z, y, x)``; the image
-tensor is ``(1, D, H, W)`` float32 in [0, 1], the mask ``(D, H, W)`` uint8 anatomy
-ids (0 = background, k = ``anatomy_names[k - 1]``).
+The item carries the crop as stored (int16 HU, uint8 ids) and the flips as
+flags; ``model_inputs`` applies the flips and the ``hu_window`` scaling to a
+whole batch on the training device. The CPU side is then two memory copies,
+and the DataLoader moves half the bytes of a float32 image.
+
+Array layout: every volume and crop is ``(D, H, W)`` = ``(z, y, x)``; the item's
+``hu`` is ``(1, D, H, W)`` int16, ``mask`` ``(D, H, W)`` uint8 anatomy ids
+(0 = background, k = ``anatomy_names[k - 1]``), ``flip`` ``(3,)`` bool (D, H, W);
+``model_inputs`` returns the image ``(B, 1, D, H, W)`` float32 in [0, 1].
+
+``usable`` (spec §3) comes from the crop's 6 faces and the per-volume anatomy
+boxes written by preprocess (``data.anatomy_boxes``), not from a pass over the
+crop; a cache without them still works (boxes computed from the whole mask,
+once per process, with a warning).
 
 Randomness: item ``index`` of epoch ``epoch`` draws from
 ``numpy.random.default_rng([seed, epoch, index])``, so a resumed run (or one
@@ -19,17 +30,21 @@ file; the release's silent substitution of another sample is not copied.
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
+import math
+import warnings
 from collections import defaultdict
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, default_collate, get_worker_info
 
-from data.io import image_to_mask_path, list_volumes, open_volume, scale_hu
+from data.anatomy_boxes import Box, anatomy_boxes, read_boxes
+from data.io import image_to_mask_path, list_volumes, open_volume
 from data.texts import compose_anatomy_text, is_abnormal, text_for_encoding, text_hash
 
 logger = logging.getLogger(__name__)
@@ -53,15 +68,61 @@ def _load_json(path: Path) -> dict[str, Any]:
         return json.load(f)
 
 
-def usable_anatomies(mask: np.ndarray, n_anatomies: int) -> np.ndarray:
-    """(A,) bool: anatomy present in ``mask`` (D,H,W) and touching none of its 6 faces."""
-    present = np.bincount(mask.ravel(), minlength=n_anatomies + 1)[1 : n_anatomies + 1] > 0
-    faces = np.concatenate([
-        mask[0].ravel(), mask[-1].ravel(), mask[:, 0].ravel(),
-        mask[:, -1].ravel(), mask[:, :, 0].ravel(), mask[:, :, -1].ravel(),
-    ])
-    on_face = np.bincount(faces, minlength=n_anatomies + 1)[1 : n_anatomies + 1] > 0
-    return present & ~on_face
+def usable_anatomies(mask: np.ndarray, n_anatomies: int, boxes: dict[int, Box]) -> np.ndarray:
+    """(A,) bool: anatomy present in ``mask`` (the crop, (D,H,W)) and touching none of its 6 faces.
+
+    ``boxes``: id -> inclusive box of all the anatomy's voxels in the volume, in the
+    crop's coordinates (it may reach beyond the crop). Only the crop's voxels inside
+    an anatomy's box can hold it: a face is read only where the box crosses it, and a
+    box inside the crop proves presence; a box that straddles the crop's edge with no
+    voxel on a face (a split or curved shape) is decided by the crop's voxels in it.
+    """
+    usable = np.zeros(n_anatomies, dtype=bool)
+    for k, box in boxes.items():
+        if k > n_anatomies:
+            continue
+        lo = [max(b, 0) for b in box[:3]]
+        hi = [min(b, n - 1) for b, n in zip(box[3:], mask.shape)]
+        if any(a > b for a, b in zip(lo, hi)):
+            continue  # the box misses the crop
+        inside = tuple(slice(a, b + 1) for a, b in zip(lo, hi))
+        faces = (inside[:axis] + (plane,) + inside[axis + 1:]  # the part of a face the box crosses
+                 for axis, n in enumerate(mask.shape) for plane in {0, n - 1} if lo[axis] <= plane <= hi[axis])
+        if any((mask[face] == k).any() for face in faces):
+            continue
+        if all(b >= 0 for b in box[:3]) and all(b < n for b, n in zip(box[3:], mask.shape)):
+            usable[k - 1] = True
+        else:
+            usable[k - 1] = bool((mask[inside] == k).any())
+    return usable
+
+
+@functools.cache
+def _boxes_from_mask(mask_path: Path) -> dict[int, Box]:
+    """Fallback for caches without box records: one pass over the whole mask, kept for this process."""
+    return anatomy_boxes(open_volume(mask_path))
+
+
+def model_inputs(hu: torch.Tensor, mask: torch.Tensor, flip: torch.Tensor, hu_window: Sequence[float]
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Batch from ``collate`` -> (image (B,1,D,H,W) float32 in [0, 1], mask (B,D,H,W)), on ``hu``'s device.
+
+    ``hu`` is an integer tensor (the cache's int16 HU). Flips each sample's axes where ``flip``
+    (B,3) is set, then clips ``hu_window`` and scales linearly (lo -> 0, hi -> 1): the same
+    float32 values as ``data.io.scale_hu`` (a test pins it on CPU; a GPU may round the
+    division by the width differently in the last bit).
+    """
+    lo, hi = float(hu_window[0]), float(hu_window[1])
+    if hi <= lo:
+        raise ValueError(f"hu_window must be increasing, got {hu_window}")
+    flips = [[axis for axis in range(3) if row[axis]] for row in flip.tolist()]
+    if any(flips):
+        hu = torch.stack([h.flip([a + 1 for a in axes]) for h, axes in zip(hu, flips)])
+        mask = torch.stack([m.flip(axes) for m, axes in zip(mask, flips)])
+    # integer HU clip to [ceil(lo), floor(hi)], as in scale_hu; in float32 the same steps are exact
+    # (and ~3x faster on a CPU than clamping int16)
+    image = hu.to(torch.float32).clamp_(math.ceil(lo), math.floor(hi))
+    return image.sub_(float(np.float32(lo))).div_(float(np.float32(hi - lo))), mask
 
 
 def log_text_gaps(scan_ids: Sequence[str], anatomy_names: Sequence[str],
@@ -140,7 +201,8 @@ class CTRateTrainDataset(Dataset):
     def __len__(self) -> int:
         return len(self.scan_ids)
 
-    def _read_crop(self, image_path: Path, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    def _read_crop(self, image_path: Path, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(int16 HU crop, uint8 mask crop, (A,) usable) of a random ``crop_size`` window."""
         mask_path = Path(image_to_mask_path(image_path))
         try:
             image = open_volume(image_path)
@@ -148,52 +210,69 @@ class CTRateTrainDataset(Dataset):
             raise SampleReadError(f"cannot read training image {image_path}: {e}") from e
         try:
             mask = open_volume(mask_path)
+            boxes = read_boxes(mask_path, mask.shape)
         except Exception as e:
             raise SampleReadError(f"cannot read training mask {mask_path}: {e}") from e
         if image.shape != mask.shape:
             raise SampleReadError(f"{image_path} has shape {image.shape} but its mask {mask_path} has {mask.shape}")
+        if image.dtype != np.int16 or mask.dtype != np.uint8:
+            raise SampleReadError(f"{image_path} / its mask hold {image.dtype} / {mask.dtype}, the cache is int16 HU / "
+                                  "uint8 ids: re-run the preprocess step")
         if any(s < c for s, c in zip(image.shape, self.crop_size)):
             raise SampleReadError(
                 f"{image_path} has shape {image.shape} (D,H,W), smaller than the crop {self.crop_size}; "
                 "the preprocess step pads to the crop size (check the pipeline config)")
+        if boxes is None:
+            warnings.warn(f"the masks under {mask_path.parents[2]} have no anatomy box records (*.boxes.json): each "
+                          "worker computes them from the whole mask on first use (slower); re-running the "
+                          "preprocess step redoes the cases that lack them", RuntimeWarning, stacklevel=2)
+            boxes = _boxes_from_mask(mask_path)
         starts = [int(rng.integers(0, s - c + 1)) for s, c in zip(image.shape, self.crop_size)]
         sl = tuple(slice(st, st + c) for st, c in zip(starts, self.crop_size))
         try:
-            return np.array(image[sl]), np.array(mask[sl], dtype=np.uint8)
+            hu, mask_crop = np.array(image[sl]), np.array(mask[sl])
         except Exception as e:
             raise SampleReadError(f"cannot read a crop of {image_path} or {mask_path}: {e}") from e
+        boxes_in_crop = {k: tuple(b - starts[i % 3] for i, b in enumerate(box)) for k, box in boxes.items()}
+        return hu, mask_crop, usable_anatomies(mask_crop, len(self.anatomy_names), boxes_in_crop)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         rng = np.random.default_rng([self.seed, self.epoch, index])
         recs = self.reconstructions[index]
         image_path = recs[int(rng.integers(len(recs)))]
-        image, mask = self._read_crop(image_path, rng)
-        for axis in range(3):
-            if rng.random() < self.flip_prob:
-                image, mask = np.flip(image, axis), np.flip(mask, axis)
-        image = scale_hu(np.ascontiguousarray(image), self.hu_window)
-        mask = np.ascontiguousarray(mask)
+        hu, mask, usable = self._read_crop(image_path, rng)
+        flip = [rng.random() < self.flip_prob for _ in range(3)]  # flips keep the crop's faces: usable holds
         return {
-            "image": torch.from_numpy(np.asarray(image, dtype=np.float32))[None],
+            "hu": torch.from_numpy(hu)[None],
             "mask": torch.from_numpy(mask),
+            "flip": torch.tensor(flip),
             "texts": list(self.texts_to_encode[index]),
             "text_hash": torch.from_numpy(self.text_hashes[index].copy()),
             "abnormal": torch.from_numpy(self.abnormal[index].copy()),
-            "usable": torch.from_numpy(usable_anatomies(mask, len(self.anatomy_names))),
+            "usable": torch.from_numpy(usable),
             "scan_id": self.scan_ids[index],
             "path": str(image_path),
         }
 
 
+def _stack_crops(crops: list[torch.Tensor]) -> torch.Tensor:
+    """``torch.stack`` for the big crops, into memory that is cheap to fill.
+
+    In a DataLoader worker the batch goes straight into shared memory (as ``default_collate``
+    does), so it crosses to the main process without another copy; elsewhere numpy allocates
+    it (it asks for huge pages: ~4x faster to fill here than ``torch.stack``'s 4 KiB pages).
+    """
+    first = crops[0]
+    if get_worker_info() is None:
+        return torch.from_numpy(np.stack([c.numpy() for c in crops]))
+    storage = first._typed_storage()._new_shared(len(crops) * first.numel(), device=first.device)
+    out = first.new(storage).resize_(len(crops), *first.shape)
+    np.stack([c.numpy() for c in crops], out=out.numpy())
+    return out
+
+
 def collate(batch: list[dict[str, Any]]) -> dict[str, Any]:
-    """Stack tensors; keep texts as a list (B) of lists (A) of strings."""
-    return {
-        "image": torch.stack([b["image"] for b in batch]),
-        "mask": torch.stack([b["mask"] for b in batch]),
-        "texts": [b["texts"] for b in batch],
-        "text_hash": torch.stack([b["text_hash"] for b in batch]),
-        "abnormal": torch.stack([b["abnormal"] for b in batch]),
-        "usable": torch.stack([b["usable"] for b in batch]),
-        "scan_id": [b["scan_id"] for b in batch],
-        "path": [b["path"] for b in batch],
-    }
+    """Stack tensors; keep texts as a list (B) of lists (A) of strings. ``model_inputs`` takes it from there."""
+    out = {k: _stack_crops([b[k] for b in batch]) for k in ("hu", "mask")}
+    out |= {k: default_collate([b[k] for b in batch]) for k in ("flip", "text_hash", "abnormal", "usable")}
+    return out | {k: [b[k] for b in batch] for k in ("texts", "scan_id", "path")}

@@ -12,12 +12,18 @@ eval will leave that anatomy's cells empty).
 
 Cache format: ``processed_{split}_images/{patient}/{scan}/{stem}.nii`` uncompressed
 int16 HU (not scaled: ``data.io.scale_hu`` clips and scales at read time) and
-``processed_{split}_masks/.../{stem}.nii`` uint8 anatomy ids; the origin is moved
+``processed_{split}_masks/.../{stem}.nii`` uint8 anatomy ids, and beside it, written
+last, the anatomy boxes ``{stem}.boxes.json`` (``data.anatomy_boxes``); the origin is moved
 by the crop/pad offset, so the cache still overlays the fixed image in a viewer.
 ``data.io.open_volume`` memory-maps them: a random crop reads only its voxels.
+
+``--delete-intermediates`` then deletes, for each cached case, the files nothing reads
+once the cache exists (``delete_intermediates``): ~140 MB of a 512x512x~250 volume's
+~215 MB. Run the steps shard by shard (``--shard K/N``) to bound the peak as well.
 """
 from __future__ import annotations
 
+import logging
 import sys
 from dataclasses import dataclass
 from functools import partial
@@ -29,9 +35,12 @@ if __package__ in (None, ""):  # run as `python preprocess.py` from inside data/
 
 import numpy as np
 
+from data.anatomy_boxes import boxes_path, write_boxes
+from data.common import (NIFTI_GZ, CaseError, PipelineConfig, RunSummary, Task, list_inputs, load_pipeline_config,
+                         nii_stem, run_cli, run_tasks, select_shard, step_parser, volume_relpath)
 from data.io import VolumeReadError, open_volume, read_geometry, write_volume
-from data.common import (CaseError, PipelineConfig, RunSummary, Task, list_inputs, load_pipeline_config,
-                         run_cli, run_tasks, step_parser, volume_relpath)
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -117,8 +126,10 @@ def preprocess_case(image_src: Path, mask_src: Path, image_dst: Path, mask_dst: 
     image, mask, window = _crop_pad(image_in, mask_in, cfg)
     shift_xyz = np.asarray(window.offset_dhw[::-1], dtype=np.float64) * spacing
     new_origin = np.asarray(origin) + np.asarray(direction).reshape(3, 3) @ shift_xyz
+    boxes_path(mask_dst).unlink(missing_ok=True)  # a record never outlives its mask (kill during --overwrite)
     write_volume(image_dst, image, spacing, new_origin, direction)
     write_volume(mask_dst, mask, spacing, new_origin, direction)
+    write_boxes(mask, mask_dst)  # last: the case is complete once its record exists
     return {"shape_dhw": image.shape, "offset_dhw": window.offset_dhw, "warning": missing_anatomies(mask, cfg)}
 
 
@@ -129,9 +140,41 @@ def missing_anatomies(mask_dhw: np.ndarray, cfg: PipelineConfig) -> str | None:
     return f"missing anatomies: {', '.join(missing)}" if missing else None
 
 
+def delete_intermediates(root: Path, split: str, names: Sequence[str]) -> int:
+    """Delete the intermediates of each case whose cache is complete and newer; returns the count.
+
+    Deleted: the resized pair, and the ``{split}_fixed`` volume when its raw source
+    ``{split}/...`` is there to remake it (otherwise it may be the user's v2 download: kept).
+    The TotalSegmentator mask (~1 MB, GPU minutes) stays. The anatomy box record is written
+    last and atomically, so its presence means the case is complete; intermediates rewritten
+    after it (a step re-run with --overwrite) are kept. The resized image, by which this step
+    lists a case, goes first: a kill can leave a case's other intermediates (the next run,
+    which also looks for them by the resized masks, deletes them) but never a listed case
+    without its mask, which a rerun would take as a changed input.
+    """
+    deleted = 0
+    for name in names:
+        rel = volume_relpath(name)
+        fixed_rel = rel.with_name(nii_stem(name) + NIFTI_GZ)
+        image_src, mask_src = root / f"resized_{split}_images" / rel, root / f"resized_{split}_masks" / rel
+        fixed, raw = root / f"{split}_fixed" / fixed_rel, root / split / fixed_rel
+        cache_image, cache_mask = root / f"processed_{split}_images" / rel, root / f"processed_{split}_masks" / rel
+        record = boxes_path(cache_mask)
+        doomed = [p for p in (image_src, mask_src, fixed if raw.is_file() else None) if p is not None and p.is_file()]
+        if not (doomed and cache_image.is_file() and cache_mask.is_file() and record.is_file()):
+            continue
+        if record.stat().st_mtime < max(p.stat().st_mtime for p in doomed):
+            continue
+        for path in doomed:
+            path.unlink()
+        deleted += 1
+    return deleted
+
+
 def run(data_root: str | Path, split: str, *, overwrite: bool = False, workers: int = 1,
-        shard: tuple[int, int] = (0, 1), pbar: bool = True, config: str | Path | None = None) -> RunSummary:
-    """Build the cache for every resized volume of this shard."""
+        shard: tuple[int, int] = (0, 1), pbar: bool = True, config: str | Path | None = None,
+        delete_intermediates_after: bool = False) -> RunSummary:
+    """Build the cache for every resized volume of this shard (then delete their intermediates if asked)."""
     root = Path(data_root)
     cfg = load_pipeline_config(config)
     tasks = []
@@ -140,15 +183,26 @@ def run(data_root: str | Path, split: str, *, overwrite: bool = False, workers: 
         image_dst, mask_dst = root / f"processed_{split}_images" / rel, root / f"processed_{split}_masks" / rel
         fn = partial(preprocess_case, root / f"resized_{split}_images" / rel, root / f"resized_{split}_masks" / rel,
                      image_dst, mask_dst, cfg)
-        tasks.append(Task(name, (image_dst, mask_dst), fn, inputs=fn.args[:2], settings=repr(cfg)))
-    return run_tasks("preprocess", split, root, tasks, overwrite=overwrite, workers=workers, shard=shard,
-                     pbar=pbar)
+        tasks.append(Task(name, (image_dst, mask_dst, boxes_path(mask_dst)), fn, inputs=fn.args[:2],
+                          settings=repr(cfg)))
+    summary = run_tasks("preprocess", split, root, tasks, overwrite=overwrite, workers=workers, shard=shard,
+                        pbar=pbar)
+    if delete_intermediates_after:
+        listed = {t.name for t in tasks} | set(list_inputs(root / f"resized_{split}_masks", ".nii"))
+        deleted = delete_intermediates(root, split, select_shard(sorted(listed), shard))
+        logger.info("preprocess %s: deleted the intermediates of %d cached cases", split, deleted)
+    return summary
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = step_parser(__doc__.splitlines()[0]).parse_args(argv)
+    parser = step_parser(__doc__.splitlines()[0])
+    parser.add_argument("--delete-intermediates", action="store_true",
+                        help="once a case's cache pair is complete, delete its resized pair and its fixed volume "
+                             "(if the raw one is there to remake it); re-running fix/resize would redo those cases")
+    args = parser.parse_args(argv)
     return run_cli(lambda: run(args.data_root, args.split, overwrite=args.overwrite, workers=args.workers,
-                               shard=args.shard, pbar=not args.no_pbar, config=args.config))
+                               shard=args.shard, pbar=not args.no_pbar, config=args.config,
+                               delete_intermediates_after=args.delete_intermediates))
 
 
 if __name__ == "__main__":

@@ -141,6 +141,12 @@ def file_fingerprint(paths: Sequence[Path]) -> list[list[int] | None]:
     return out
 
 
+def write_text(path: str | Path, text: str) -> None:
+    """Atomically write ``text``."""
+    with atomic_output(path) as tmp:
+        tmp.write_text(text)
+
+
 def write_json(path: str | Path, obj: object) -> None:
     """Atomically write ``obj`` as JSON."""
     with atomic_output(path) as tmp, open(tmp, "w") as f:

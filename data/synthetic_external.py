@@ -33,11 +33,10 @@ if __package__ in (None, ""):  # run as `python synthetic_external.py` from insi
 import numpy as np
 import SimpleITK as sitk
 
-from data.io import atomic_output, keep_locale, write_volume
+from data.io import atomic_output, keep_locale, write_text, write_volume
 from data.common import nii_stem, volume_relpath
 from data.import_ct import volume_name
-from data.synthetic import (_TEXT, SIMULATED, _rngs, _write_text, load_anatomies, scan_phantom, scan_texts,
-                            truth_volume)
+from data.synthetic import SIMULATED, Stream, load_anatomies, rngs, scan_phantom, scan_texts, truth_volume
 
 logger = logging.getLogger(__name__)
 
@@ -130,14 +129,14 @@ def generate_external(out_dir: str | Path, *, n: int = 12, seed: int = 0, split:
         name = volume_name(split, vid)
         write_volume(out / "masks" / split / volume_relpath(name), lab, grid.spacing_xyz, grid.origin_xyz)
         p = scan_phantom(seed, SPLIT_ID, k + 1, 0, abnormalities)
-        text = scan_texts(p, _rngs(seed, _TEXT, SPLIT_ID, k + 1, 0), anatomies)
+        text = scan_texts(p, rngs(seed, Stream.TEXT, SPLIT_ID, k + 1, 0), anatomies)
         scan = nii_stem(name).rsplit("_", 1)[0]
         desc_info[scan], conc_info[scan] = text.desc, text.conc
         labels.append({ID_COLUMN: vid} | {c: int(a in abnormalities) for a, c in LABEL_COLUMNS.items() if c})
         formats[vid] = fmt
-    _write_text(out / "labels.csv", pd.DataFrame(labels).to_csv(index=False))
-    _write_text(out / "desc_info.json", json.dumps(desc_info, indent=1))
-    _write_text(out / "conc_info.json", json.dumps(conc_info, indent=1))
+    write_text(out / "labels.csv", pd.DataFrame(labels).to_csv(index=False))
+    write_text(out / "desc_info.json", json.dumps(desc_info, indent=1))
+    write_text(out / "conc_info.json", json.dumps(conc_info, indent=1))
     logger.info("wrote %d external volumes to %s", n, out)
     return formats
 

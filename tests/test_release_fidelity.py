@@ -131,7 +131,7 @@ def realistic_root(tmp_path_factory) -> tuple[Path, dict]:
              "train_3_a_1.nii.gz": ((0.61, 0.61, 2.0), 2)}
     for name, (spacing, patient) in grids.items():
         p = scan_phantom(0, 0, patient, 0, [])
-        origin = (p["cx"] - 64 * spacing[0], p["cy"] - 64 * spacing[1] + 20, p["cz"] - 30 * spacing[2])
+        origin = (p.cx - 64 * spacing[0], p.cy - 64 * spacing[1] + 20, p.cz - 30 * spacing[2])
         hu, labels = render(p, Grid((60, 128, 128), spacing, origin))
         hu += np.random.default_rng(patient).normal(0, 20, hu.shape).astype(np.float32)
         hu = np.rint(np.clip(hu, -1024, 3071)).astype(np.int16)

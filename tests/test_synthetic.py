@@ -10,7 +10,8 @@ import SimpleITK as sitk
 import yaml
 
 from data import synthetic as syn
-from data.texts import compose_anatomy_text, is_abnormal
+from data.io import IDENTITY_DIRECTION
+from data.texts import compose_anatomy_text, is_abnormal, normal_template
 
 N_TRAIN, N_VALID = 3, 3
 
@@ -72,7 +73,7 @@ def test_raw_header_is_not_truth_but_metadata_is(dataset):
         rel = Path(v["split"]) / v["patient"] / v["scan"] / v["name"]
         raw = sitk.ReadImage(str(root / rel))
         assert raw.GetSpacing() == (1.0, 1.0, 1.0) and raw.GetOrigin() == (0.0, 0.0, 0.0)
-        assert raw.GetDirection() == syn.DIRECTION
+        assert raw.GetDirection() == IDENTITY_DIRECTION
         row = meta.loc[v["name"]]
         sx, sy = ast.literal_eval(row["XYSpacing"])
         truth = syn.load_truth(root, v["name"])
@@ -86,7 +87,7 @@ def test_raw_header_is_not_truth_but_metadata_is(dataset):
         gt = sitk.ReadImage(str(root / "totalseg_gt" / rel))
         assert gt.GetPixelID() == sitk.sitkUInt8
         assert np.allclose(gt.GetSpacing(), truth["spacing_xyz"]) and np.allclose(gt.GetOrigin(), truth["origin_xyz"])
-        assert gt.GetDirection() == syn.DIRECTION
+        assert gt.GetDirection() == IDENTITY_DIRECTION
         assert np.array_equal(sitk.GetArrayFromImage(gt), truth["labels"])
 
 
@@ -154,7 +155,7 @@ def test_vocab_committed_and_no_unk(dataset):
         r = pd.read_csv(root / "radiology_text_reports" / f)
         texts += [t for c in syn.REPORT_COLUMNS[1:] for t in r[c]]
     items = yaml.safe_load(syn.ZEROSHOT_ITEMS.read_text())["items"]
-    texts += [p for item in items for p in item[2:]] + [syn.normal_template(a) for a, _ in syn.load_anatomies()]
+    texts += [p for item in items for p in item[2:]] + [normal_template(a) for a, _ in syn.load_anatomies()]
     texts += [s for group in (syn.CONC, syn.DESC, syn.ABSENT_DESC, syn.NORMAL_DESC) for opts in group.values() for s in opts]
     for t in texts:
         assert tok.unk_token_id not in tok(t)["input_ids"], t
@@ -185,10 +186,10 @@ def test_abnormality_visible(abn, normal_phantom):
     changed = np.abs(hu1 - hu0) > 100
     # At least ~8 voxels of the demo's 4x4x8 mm grid change by > 100 HU.
     assert changed.sum() * voxel >= 8 * 128, abn
-    ids = syn.total_class_ids()
-    lobes = np.isin(lab0, [ids[n] for n in syn.LOBES])
+    ids = syn.total_ids_by_name()
+    lobes = np.isin(lab0, [ids[n] for n in syn.LUNG_LOBES])
     if abn == "Emphysema":
-        assert hu1[np.isin(lab1, [ids[n] for n in syn.LOBES])].mean() < hu0[lobes].mean() - 25
+        assert hu1[np.isin(lab1, [ids[n] for n in syn.LUNG_LOBES])].mean() < hu0[lobes].mean() - 25
     if abn == "Cardiomegaly":
         assert (lab1 == ids["heart"]).sum() > 1.6 * (lab0 == ids["heart"]).sum()
     if abn == "Hiatal hernia":

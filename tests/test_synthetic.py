@@ -1,5 +1,6 @@
 """Synthetic mini CT-RATE: layout, determinism, stored geometry/HU, labels, texts, vocabulary, visibility."""
 import ast
+import hashlib
 import json
 from pathlib import Path
 
@@ -159,6 +160,23 @@ def test_vocab_committed_and_no_unk(dataset):
     texts += [s for group in (syn.CONC, syn.DESC, syn.ABSENT_DESC, syn.NORMAL_DESC) for opts in group.values() for s in opts]
     for t in texts:
         assert tok.unk_token_id not in tok(t)["input_ids"], t
+
+
+def test_fixed_seed_gives_the_pinned_bytes(dataset):
+    """Seed 3 writes what the single-module generator (before the split into data/synthetic/) wrote:
+    a changed value means every dataset generated before differs."""
+    root, _ = dataset
+    pinned = {"desc_info.json": "ab4003e0bf222dcb8cd9600cb6caa216",
+              "conc_info.json": "805e5c484b0b35d913ce11ac095a5c27",
+              "synthetic_manifest.json": "b8451ff67fcfcba91cee96cc7a1d78ce",  # holds each volume's HU md5
+              "metadata/train_metadata.csv": "95467578dc613f4794013614d5c52ab8",
+              "radiology_text_reports/validation_reports.csv": "abb92201864de5f1dac73621d19d42fe",
+              "multi_abnormality_labels/train_predicted_labels.csv": "fb8e18cab9bf18404123557f56067f95"}
+    assert {rel: hashlib.md5((root / rel).read_bytes()).hexdigest() for rel in pinned} == pinned
+    truth = syn.load_truth(root, "valid_1_a_1.nii.gz")
+    assert truth["hu"].shape == (38, 120, 120)
+    assert int(truth["hu"].sum(dtype=np.int64)) == -371339386
+    assert int(truth["labels"].sum(dtype=np.int64)) == 2197541
 
 
 def test_load_truth_unknown_volume(dataset):

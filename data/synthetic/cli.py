@@ -13,7 +13,7 @@ from data.synthetic.writer import generate_dataset
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m data.synthetic", description=__doc__.split("\n")[0])
     ap.add_argument("--data-root", dest="data_root", help="data root written (required unless --write-demo-bert)")
     ap.add_argument("--n-train", type=int, default=24, help="training scans")
     ap.add_argument("--n-valid", type=int, default=12, help="validation scans")

@@ -23,18 +23,17 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-import warnings
 from pathlib import Path
 
+from data.io import write_table
 from data.labels_map import LabelsMapError, map_external_labels
 from utils.config import resolve_path
 from utils.metrics import (
     MetricsInputError,
-    SingleClassWarning,
     add_ci,
     align,
     bootstrap_ci,
-    compute_metrics,
+    compute_metrics_logged,
     format_report,
     plot_roc,
     read_labels,
@@ -80,19 +79,14 @@ def run(csv_file: Path, labels_path: Path, *, bootstrap: int = 0, seed: int = 0,
         for note in notes:
             logger.warning("%s", note)
     table = align(predictions, labels)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", SingleClassWarning)
-        report = compute_metrics(table)
-    for w in caught:
-        logger.warning("%s", w.message)
+    report = compute_metrics_logged(table)
     if bootstrap:
         low, high = bootstrap_ci(table, bootstrap, seed=seed)
         report = add_ci(report, low, high)
     paths = output_paths(csv_file)
-    report.to_csv(paths["csv"], index=False)
     title = f"Zero-shot metrics of `{csv_file.name}` ({len(table.file_names)} volumes, labels `{labels_path}`"
     title += f", 95% bootstrap CIs from {bootstrap} resamples, seed {seed})" if bootstrap else ")"
-    paths["md"].write_text(title + "\n\n" + format_report(report, markdown=True))
+    write_table(paths["csv"], report.to_csv(index=False), title + "\n\n" + format_report(report, markdown=True))
     plot_roc(table, report, paths["png"])
     print(format_report(report), end="")
     logger.info("wrote %s, %s, %s", paths["csv"], paths["md"], paths["png"])

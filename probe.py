@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -26,10 +25,10 @@ import pandas as pd
 from data.common import nii_stem
 from data.labels_map import LabelsMapError, load_labels_map, read_dataset_labels
 from utils.embeddings import FEATURE_KINDS, EmbeddingsFileError, ImageEmbeddings
-from utils.metrics import (LABEL_KEY, MetricsInputError, ScoringTable, SingleClassWarning, compute_metrics,
-                           format_report, read_labels)
+from data.io import write_table
+from utils.metrics import (LABEL_KEY, MetricsInputError, ScoringTable, compute_metrics_logged, format_report,
+                           read_labels)
 from utils.probe import ProbeError, cross_validated_probs, design_matrix, fit_predict
-from utils.tables import write_table
 from zeroshot import ZeroShotSetupError, load_items
 
 logger = logging.getLogger("probe")
@@ -106,11 +105,7 @@ def run(args: argparse.Namespace) -> pd.DataFrame:
     rows = np.ones(len(emb.names), bool) if train is None else ~train
     table = ScoringTable([n for n, r in zip(emb.names, rows) if r], columns, columns,
                          np.stack(probs, axis=1)[rows], np.stack(truth, axis=1)[rows])
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", SingleClassWarning)
-        report = compute_metrics(table)
-    for w in caught:
-        logger.warning("%s", w.message)
+    report = compute_metrics_logged(table)
     output = args.output or args.embeddings.with_name(f"{args.embeddings.stem}_probe_{args.features}.csv")
     how = f"{args.folds}-fold CV by patient" if train is None else f"fit on {int(train.sum())} listed volumes"
     title = (f"Linear probe of `{args.embeddings.name}` ({args.features} features, {args.anatomies} anatomies, "

@@ -22,7 +22,6 @@ Exit status: 0 on success, 2 when it could not start.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from pathlib import Path
@@ -31,7 +30,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from data.io import atomic_output
+from data.io import atomic_output, write_table
+from data.texts import load_report_json
 from data.common import PipelineError
 from utils.config import ConfigError
 from utils.embeddings import (
@@ -43,7 +43,6 @@ from utils.embeddings import (
     setup_features,
 )
 from utils.retrieval import anatomy_similarity, evaluate_both_directions, format_table
-from utils.tables import write_table
 from zeroshot import ZeroShotSetupError, checkpoint_args_parser
 
 logger = logging.getLogger("retrieval")
@@ -59,12 +58,6 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--embeddings", type=Path, help="image features of embed.py (computed if missing)")
     p.add_argument("--output", type=Path, help="table CSV (default: res/retrieval_<checkpoint>_<split>_<texts>.csv)")
     return p
-
-
-def _read_json(path: Path) -> dict:
-    if not path.is_file():
-        raise ZeroShotSetupError(f"{path} not found: retrieval needs the split's anatomy-wise reports (set --data-root)")
-    return json.loads(path.read_text())
 
 
 def report_texts(path: Path, names: list[str]) -> list[str | None]:
@@ -89,8 +82,8 @@ def text_features(s, names: list[str], kind: str, reports: Path, cache: Path, pr
     max_length = s.cfg.model.text_max_length
     encode = lambda batch: s.model.encode_texts(batch, s.tokenizer, max_length, device=s.device)  # noqa: E731
     if kind == "anatomy":
-        per_volume = anatomy_texts(names, s.anatomies, _read_json(s.data_root / "desc_info.json"),
-                                   _read_json(s.data_root / "conc_info.json"))
+        per_volume = anatomy_texts(names, s.anatomies, load_report_json(s.data_root / "desc_info.json"),
+                                   load_report_json(s.data_root / "conc_info.json"))
         width = len(s.anatomies)
     else:
         per_volume = [None if t is None else [t] for t in report_texts(reports, names)]
@@ -160,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with torch.no_grad():
             run(args)
-    except (ZeroShotSetupError, ConfigError, PipelineError, EmbeddingsFileError) as e:
+    except (ZeroShotSetupError, ConfigError, PipelineError, EmbeddingsFileError, FileNotFoundError) as e:
         print(f"retrieval: error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -114,6 +114,18 @@ def _numbers(cfg: dict, key: str, n: int, kind: type) -> tuple:
     return tuple(kind(v) for v in value)
 
 
+def load_anatomy_map(path: str | Path) -> list[tuple[str, list[str]]]:
+    """(anatomy name, TotalSegmentator classes) in id order, from an anatomy map YAML
+    (``anatomies: [{name, classes}]``); ``PipelineError`` names the file when it is malformed."""
+    with open(path, encoding="utf-8") as f:
+        anatomies = (yaml.safe_load(f) or {}).get("anatomies")
+    if not isinstance(anatomies, list) or not anatomies or not all(
+            isinstance(a, dict) and isinstance(a.get("name"), str) and isinstance(a.get("classes"), list)
+            and a["classes"] for a in anatomies):
+        raise PipelineError(f"{path}: 'anatomies' must be a non-empty list of {{name, classes}}")
+    return [(a["name"], [str(c) for c in a["classes"]]) for a in anatomies]
+
+
 def load_pipeline_config(path: str | Path | None = None) -> PipelineConfig:
     """Read the pipeline YAML and its anatomy map (``anatomies: [{name, classes}]``)."""
     path = resolve_path(path if path is not None else DEFAULT_CONFIG)
@@ -126,12 +138,7 @@ def load_pipeline_config(path: str | Path | None = None) -> PipelineConfig:
     map_path = resolve_path(cfg["anatomy_map"])
     if not map_path.is_file():
         raise PipelineError(f"{path}: anatomy map not found: {map_path}")
-    with open(map_path, encoding="utf-8") as f:
-        anatomies = (yaml.safe_load(f) or {}).get("anatomies")
-    if not isinstance(anatomies, list) or not anatomies or not all(
-            isinstance(a, dict) and isinstance(a.get("name"), str) and isinstance(a.get("classes"), list)
-            and a["classes"] for a in anatomies):
-        raise PipelineError(f"{map_path}: 'anatomies' must be a non-empty list of {{name, classes}}")
+    anatomies = load_anatomy_map(map_path)
     spacing = _numbers(cfg, "target_spacing_xyz", 3, float)
     window = _numbers(cfg, "hu_window", 2, float)
     margin = _numbers(cfg, "crop_margin_dhw", 3, int)
@@ -143,8 +150,8 @@ def load_pipeline_config(path: str | Path | None = None) -> PipelineConfig:
         raise PipelineError(f"{path}: mask_interpolation must be one of {MASK_INTERPOLATIONS}, "
                             f"got {mask_interpolation!r}")
     return PipelineConfig(
-        anatomy_names=[a["name"] for a in anatomies],
-        anatomy_classes=[[str(c) for c in a["classes"]] for a in anatomies],
+        anatomy_names=[name for name, _ in anatomies],
+        anatomy_classes=[classes for _, classes in anatomies],
         target_spacing_xyz=spacing, hu_window=window, crop_margin_dhw=margin, min_size_dhw=min_size,
         mask_interpolation=mask_interpolation)
 

@@ -31,7 +31,6 @@ file; the release's silent substitution of another sample is not copied.
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import math
 import warnings
@@ -45,7 +44,7 @@ from torch.utils.data import Dataset, default_collate, get_worker_info
 
 from data.anatomy_boxes import Box, anatomy_boxes, read_boxes
 from data.io import image_to_mask_path, list_volumes, open_volume
-from data.texts import compose_anatomy_text, is_abnormal, text_for_encoding, text_hash
+from data.texts import compose_anatomy_text, load_report_json, is_abnormal, text_for_encoding, text_hash
 
 logger = logging.getLogger(__name__)
 
@@ -59,13 +58,6 @@ def scan_id_of(path: str | Path) -> str:
     name = Path(path).name
     stem = name[: -len(".nii.gz")] if name.endswith(".nii.gz") else Path(name).stem
     return stem.rsplit("_", 1)[0]
-
-
-def _load_json(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found (anatomy-wise report texts, spec §1; set --data-root)")
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
 
 
 def usable_anatomies(mask: np.ndarray, n_anatomies: int, boxes: dict[int, Box]) -> np.ndarray:
@@ -182,8 +174,8 @@ class CTRateTrainDataset(Dataset):
         self.scan_ids = sorted(groups)
         self.reconstructions = [sorted(groups[s]) for s in self.scan_ids]
 
-        desc_info = _load_json(self.data_root / "desc_info.json")
-        conc_info = _load_json(self.data_root / "conc_info.json")
+        desc_info = load_report_json(self.data_root / "desc_info.json")
+        conc_info = load_report_json(self.data_root / "conc_info.json")
         self.texts = [[compose_anatomy_text(s, a, desc_info, conc_info) for a in self.anatomy_names]
                       for s in self.scan_ids]
         self.texts_to_encode = [[text_for_encoding(t, a) for t, a in zip(ts, self.anatomy_names)]

@@ -175,6 +175,17 @@ def write_csv(path: str | Path, header: Sequence[str], rows: Iterable[Sequence[o
         writer.writerows(rows)
 
 
+def write_table(output: str | Path, csv_text: str, markdown: str) -> Path:
+    """A result table: ``output`` (CSV text) and its Markdown twin ``output.with_suffix(".md")``, each
+    atomically; returns the .md path (calc_metrics.py, probe.py, retrieval.py)."""
+    output = Path(output)
+    md = output.with_suffix(".md")
+    for path, text in ((output, csv_text), (md, markdown)):
+        with atomic_output(path) as tmp:
+            tmp.write_text(text, encoding="utf-8")
+    return md
+
+
 def write_case_csv(path: str | Path, rows: Iterable[tuple[str, str]], header: Sequence[str] = ("volume", "reason")
                    ) -> None:
     """A per-case report (failures: ``volume,reason``; warnings: ``volume,warning``), sorted by volume,

@@ -17,7 +17,9 @@ targets.
 from __future__ import annotations
 
 import hashlib
-from typing import Mapping
+import json
+from pathlib import Path
+from typing import Any, Mapping
 
 _REMOVED_CHARS = str.maketrans("", "", "\"'()")
 
@@ -72,3 +74,13 @@ def text_hash(text: str) -> int:
     """
     digest = hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest()
     return int.from_bytes(digest, "little", signed=True)
+
+
+def load_report_json(path: str | Path) -> dict[str, Any]:
+    """``desc_info.json`` / ``conc_info.json``: ``{scan_id: {anatomy: text}}``; ``FileNotFoundError``
+    names the file and the flag to set."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found (anatomy-wise report texts, spec §1; set --data-root)")
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)

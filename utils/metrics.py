@@ -263,6 +263,16 @@ def compute_metrics(table: ScoringTable) -> pd.DataFrame:
     return report[["abnormality", *METRICS, "threshold", "n", "n_positive"]]
 
 
+def compute_metrics_logged(table: ScoringTable) -> pd.DataFrame:
+    """``compute_metrics`` for an entry point: each ``SingleClassWarning`` goes to the log instead."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", SingleClassWarning)
+        report = compute_metrics(table)
+    for w in caught:
+        logger.warning("%s", w.message)
+    return report
+
+
 def bootstrap_ci(
     table: ScoringTable, n_resamples: int, *, seed: int = 0, level: float = 0.95
 ) -> tuple[np.ndarray, np.ndarray]:

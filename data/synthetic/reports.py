@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
+from data.common import load_anatomy_map
 from data.synthetic.phantom import LUNG_LOBES, Grid, Phantom
 from utils.config import REPO_ROOT
 
@@ -144,12 +145,8 @@ NORMAL_IMPRESSION = "No significant abnormality was detected."
 
 
 def load_anatomies(path: Path = ANATOMY_MAP) -> list[tuple[str, list[str]]]:
-    """(anatomy name, TotalSegmentator classes) in id order, from the anatomy merge map YAML."""
-    import yaml
-
-    with open(path, encoding="utf-8") as f:
-        doc = yaml.safe_load(f)
-    return [(a["name"], list(a["classes"])) for a in doc["anatomies"]]
+    """(anatomy name, TotalSegmentator classes) of the CT-RATE anatomy map the generator simulates."""
+    return load_anatomy_map(path)
 
 
 @dataclass(frozen=True)

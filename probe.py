@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from data.common import nii_stem
+from data.common import patient_id_of
 from data.labels_map import LabelsMapError, load_labels_map, read_dataset_labels
 from utils.embeddings import FEATURE_KINDS, EmbeddingsFileError, ImageEmbeddings
 from data.io import write_table
@@ -50,11 +50,6 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output", type=Path, help="report CSV (default: <embeddings stem>_probe_<features>.csv)")
     return p
-
-
-def patient_of(name: str) -> str:
-    """``valid_12_a_2.nii.gz`` -> ``valid_12``."""
-    return nii_stem(name).rsplit("_", 2)[0]
 
 
 def labels_for(args: argparse.Namespace, names: list[str]) -> pd.DataFrame:
@@ -92,7 +87,7 @@ def run(args: argparse.Namespace) -> pd.DataFrame:
             raise MetricsInputError(f"{args.labels}: {item.abnormality} labels must be 0 or 1 (found others or empty)")
         y = y.astype(np.int64)
         if train is None:
-            p = cross_validated_probs(x, y, [patient_of(n) for n in emb.names], folds=args.folds, c=args.c,
+            p = cross_validated_probs(x, y, [patient_id_of(n) for n in emb.names], folds=args.folds, c=args.c,
                                       seed=args.seed)
         else:
             p = np.full(len(y), np.nan)

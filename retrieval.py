@@ -32,14 +32,13 @@ import torch
 
 from data.io import atomic_output, write_table
 from data.texts import load_report_json
-from data.common import PipelineError
+from data.common import PipelineError, scan_id_of
 from utils.config import ConfigError
 from utils.embeddings import (
     EmbeddingsFileError,
     anatomy_texts,
     compute_image_embeddings,
     encode_texts,
-    scan_of,
     setup_features,
 )
 from utils.retrieval import anatomy_similarity, evaluate_both_directions, format_table
@@ -123,7 +122,7 @@ def run(args: argparse.Namespace) -> pd.DataFrame:
         logger.warning("%d volume(s) have no report and are left out: %s", len(without), ", ".join(without[:5]))
     keep = txt_present.any(axis=1)
     names = [n for n, k in zip(emb.names, keep) if k]
-    groups = [scan_of(n) for n in names]
+    groups = [scan_id_of(n) for n in names]
     img, img_present, txt, txt_present = emb.projected[keep], emb.present[keep], txt[keep], txt_present[keep]
     rows = []
     if args.texts == "report":

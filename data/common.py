@@ -160,8 +160,18 @@ def load_pipeline_config(path: str | Path | None = None) -> PipelineConfig:
 
 def volume_relpath(name: str) -> Path:
     """``train_1_a_2.nii.gz`` -> ``train_1/train_1_a/train_1_a_2.nii.gz`` (CT-RATE layout)."""
-    stem = nii_stem(name)
-    return Path(stem.rsplit("_", 2)[0], stem.rsplit("_", 1)[0], name)
+    return Path(patient_id_of(name), scan_id_of(name), name)
+
+
+def scan_id_of(path: str | Path) -> str:
+    """``.../train_1_a_2.nii`` or ``train_1_a_2.nii.gz`` -> its scan ``train_1_a`` (its reconstructions
+    share the scan's report)."""
+    return nii_stem(Path(path).name).rsplit("_", 1)[0]
+
+
+def patient_id_of(path: str | Path) -> str:
+    """``.../train_1_a_2.nii`` or ``train_1_a_2.nii.gz`` -> its patient ``train_1``."""
+    return nii_stem(Path(path).name).rsplit("_", 2)[0]
 
 
 def nii_stem(name: str) -> str:

@@ -43,6 +43,7 @@ import torch
 from torch.utils.data import Dataset, default_collate, get_worker_info
 
 from data.anatomy_boxes import Box, anatomy_boxes, read_boxes
+from data.common import scan_id_of
 from data.io import image_to_mask_path, list_volumes, open_volume
 from data.texts import compose_anatomy_text, load_report_json, is_abnormal, text_for_encoding, text_hash
 
@@ -51,13 +52,6 @@ logger = logging.getLogger(__name__)
 
 class SampleReadError(RuntimeError):
     """A training volume or its mask cannot be read or does not fit the crop."""
-
-
-def scan_id_of(path: str | Path) -> str:
-    """``.../train_1_a_2.nii`` -> ``train_1_a``."""
-    name = Path(path).name
-    stem = name[: -len(".nii.gz")] if name.endswith(".nii.gz") else Path(name).stem
-    return stem.rsplit("_", 1)[0]
 
 
 def usable_anatomies(mask: np.ndarray, n_anatomies: int, boxes: dict[int, Box]) -> np.ndarray:

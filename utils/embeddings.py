@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from data.common import nii_stem
+from data.common import scan_id_of
 from data.io import VolumeReadError, atomic_output, scale_hu
 from data.texts import compose_anatomy_text, text_for_encoding
 from utils.preset import Preset
@@ -73,11 +73,6 @@ class ImageEmbeddings:
         rows = [index[n] for n in names]
         return ImageEmbeddings(list(names), self.anatomies, self.projected[rows], self.pooled[rows],
                                self.present[rows], self.source)
-
-
-def scan_of(name: str) -> str:
-    """``valid_1_a_2.nii.gz`` -> its scan ``valid_1_a`` (reconstructions of a scan share a report)."""
-    return nii_stem(name).rsplit("_", 1)[0]
 
 
 class AnatomyFeatureExtractor:
@@ -159,7 +154,7 @@ def anatomy_texts(names: Sequence[str], anatomies: Sequence[str], desc_info: Map
     """Per volume, the spec §3 text of each anatomy as encoded in training; None when its scan has no report."""
     out: list[list[str] | None] = []
     for name in names:
-        scan = scan_of(name)
+        scan = scan_id_of(name)
         if scan not in desc_info and scan not in conc_info:
             out.append(None)
             continue

@@ -124,7 +124,8 @@ def to_hu(raw: np.ndarray, slope: float, intercept: float) -> np.ndarray:
 
 
 def read_sitk(path: Path, what: str = "NIfTI") -> sitk.Image:
-    """``sitk.ReadImage`` with a ``CaseError`` for a missing, corrupt or truncated file (``check_complete``)."""
+    """``sitk.ReadImage`` with a ``CaseError`` for a missing, corrupt or truncated file (``check_complete``)
+    or one holding NaN or inf voxels (``check_finite``)."""
     if not path.is_file():
         raise CaseError(f"missing {what}: {path}")
     try:
@@ -138,7 +139,14 @@ def read_sitk(path: Path, what: str = "NIfTI") -> sitk.Image:
         raise CaseError(f"corrupt or truncated {what} {path.name}: {detail}") from None
     if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
         raise CaseError(f"{what} {path.name} is not a 3D scalar volume (size {image.GetSize()})")
+    check_finite(count_non_finite(path), path.name)  # SimpleITK has already made them finite
     return image
+
+
+def check_finite(non_finite: int, name: str) -> None:
+    """``CaseError`` naming the count when a volume holds NaN or inf voxels (a float file)."""
+    if non_finite:
+        raise CaseError(f"{non_finite} non-finite voxels (NaN or inf) in {name}: replace or drop the volume")
 
 
 def looks_like_hu(values: np.ndarray) -> bool:
@@ -180,9 +188,6 @@ def fix_case(src: Path, dst: Path, row: Mapping[str, str] | None, *, compresslev
         raise CaseError("no metadata row")
     geometry = fix_geometry(row)
     image = read_sitk(src)
-    non_finite = count_non_finite(src)
-    if non_finite:
-        raise CaseError(f"{non_finite} non-finite voxels (NaN or inf) in {src.name}: replace or drop the volume")
     stored = sitk.GetArrayViewFromImage(image)  # (D, H, W)
     version, evidence = ctrate_version(image, stored, geometry)
     hu = to_hu(stored, geometry.slope, geometry.intercept) if version == 1 else to_hu(stored, 1.0, 0.0)

@@ -49,7 +49,7 @@ import SimpleITK as sitk
 from data.io import IDENTITY_DIRECTION, keep_locale, write_volume
 from data.common import (CaseError, PipelineError, RunSummary, Task, nii_stem, run_cli, run_tasks, step_parser,
                          volume_relpath)
-from data.fix_data import read_sitk, to_hu
+from data.fix_data import check_finite, read_sitk, to_hu
 
 NPZ_ARRAY_KEY = "ct"
 NPZ_SPACING_KEY = "spacing"
@@ -165,6 +165,8 @@ def read_npz(path: Path, spacing_order: str = "zyx", listed_spacing_xyz: Sequenc
     key = NPZ_ARRAY_KEY if NPZ_ARRAY_KEY in arrays else (volumes[0] if len(volumes) == 1 else None)
     if key is None or arrays[key].ndim != 3:
         raise CaseError(f"NPZ {path.name} has no 3D array '{NPZ_ARRAY_KEY}' (keys: {sorted(arrays)})")
+    if np.issubdtype(arrays[key].dtype, np.floating):
+        check_finite(int(np.count_nonzero(~np.isfinite(arrays[key]))), path.name)
     if NPZ_SPACING_KEY in arrays and arrays[NPZ_SPACING_KEY].size == 3:
         spacing = [float(v) for v in arrays[NPZ_SPACING_KEY].ravel()]
         spacing_xyz = spacing[::-1] if spacing_order == "zyx" else spacing

@@ -108,6 +108,16 @@ def test_importer_bad_inputs_are_failed_cases_or_exit_2(tmp_path, caplog):
     assert list(root.glob("valid_fixed/*/*/*.nii.gz")) == [root / "valid_fixed/valid_good/valid_good_a/valid_good_a_1.nii.gz"]
     summary = import_ct.run(src, root, "valid", pbar=False)  # rerun: the good one is skipped
     assert summary.skipped == 1 and len(summary.failed) == 2
+    nan = _phantom().astype(np.float32)
+    nan[0, 0, :2] = np.nan
+    nan[1, 1, 1] = np.inf
+    np.savez(src / "nannpz.npz", ct=nan, spacing=np.asarray(SPACING[::-1]))
+    _write_lps_nifti(src / "naninii.nii.gz", nan)  # float NIfTI: SimpleITK would read NaN as a number
+    import_ct.run(src, root, "valid", pbar=False)
+    failures = pd.read_csv(root / "import_valid_failures.csv").set_index("volume")["reason"]
+    for name, file in (("valid_nannpz_a_1.nii.gz", "nannpz.npz"), ("valid_naninii_a_1.nii.gz", "naninii.nii.gz")):
+        assert failures[name] == f"3 non-finite voxels (NaN or inf) in {file}: replace or drop the volume"
+        assert not (root / "valid_fixed" / name.rsplit("_", 2)[0] / name.rsplit("_", 1)[0] / name).exists()
     assert import_ct.main(["--input", str(tmp_path / "nowhere"), "--data-root", str(root), "--split", "valid"]) == 2
 
 

@@ -80,7 +80,7 @@ def segment(image: sitk.Image, *, fast: bool, device: torch.device) -> sitk.Imag
     with tempfile.TemporaryDirectory(prefix="fvlm_predict_") as tmp:
         src, dst = Path(tmp) / "image.nii.gz", Path(tmp) / "labels.nii.gz"
         sitk.WriteImage(image, str(src))
-        segment_case(src, dst, roi_subset=None, fast=fast, device="gpu" if device.type == "cuda" else "cpu")
+        segment_case((src,), dst, roi_subset=None, fast=fast, device="gpu" if device.type == "cuda" else "cpu")
         return read_sitk(dst, "TotalSegmentator output")
 
 

@@ -1,12 +1,15 @@
-"""Data benchmark: pipeline seconds per volume, the training read, bytes per volume per stage.
+"""Data benchmark: pipeline seconds and bytes per volume per stage, the training read.
 
 Generates ``--n`` realistic synthetic patients (512x512x~240 volumes, ~0.7x0.7x1.5 mm)
 in a temporary folder and prints one JSON line per part (``--only`` picks parts):
 
 - ``pipeline``: fix + resize + preprocess with one worker on one thread (SimpleITK,
   OpenMP and MKL limited to 1), wall and CPU seconds per volume, also scaled
-  linearly to 512x512x240. Masks come from the generator's ground truth
-  (``generate_mask --masks-from``; TotalSegmentator itself is not timed).
+  linearly to 512x512x240, and MB written per volume per stage (then what
+  ``preprocess --delete-intermediates`` keeps). Masks come from the generator's ground
+  truth (``generate_mask --masks-from``; TotalSegmentator itself is not timed). The
+  baseline, in the same run: the release's files for the same volumes made with our
+  computations (``release_format_pipeline``), so its time is a lower bound of the release's.
 - ``read``: ``CTRateTrainDataset.__getitem__`` itself (the code train.py runs; crop
   (112, 256, 352), flips p = 0.2) on caches of several shapes cut or padded from
   the pipeline's cache (``--shapes``; the first is exactly the crop), one process
@@ -15,8 +18,6 @@ in a temporary folder and prints one JSON line per part (``--only`` picks parts)
   same cache stored as the release stores it (float32 ``.nii.gz`` image + uint8
   ``.nii.gz`` mask, SimpleITK); then DataLoader items/s with 1, 2, 4 and 8
   workers (``--workers``; not pinned: above the host's core count they share cores).
-- ``disk``: bytes per volume in each output folder, ``{split}_fixed`` at gzip level 1
-  (with its write and read-back time), and the release's files for the same volumes.
 
     python bench/bench_data.py [--n 2] [--items 60] [--only read] [--pin] [--work-dir DIR]
 """
@@ -49,7 +50,7 @@ from data.dataset import CTRateTrainDataset, collate, model_inputs  # noqa: E402
 from data.io import image_to_mask_path, list_volumes, open_volume, scale_hu, write_volume  # noqa: E402
 from data.synthetic import generate_dataset  # noqa: E402
 
-PARTS = ("pipeline", "read", "disk")
+PARTS = ("pipeline", "read")
 STAGES = ("train", "train_fixed", "train_mask", "resized_train_images", "resized_train_masks",
           "processed_train_images", "processed_train_masks")
 
@@ -74,22 +75,91 @@ def machine() -> dict[str, object]:
             "torch_threads": torch.get_num_threads()}
 
 
-def run_pipeline(root: Path, config: Path) -> dict[str, object]:
+def run_pipeline(root: Path, work: Path, cfg: PipelineConfig, config: Path) -> dict[str, object]:
+    """Ours (the steps as the user runs them, one worker) against the release's file formats, same volumes, same run:
+    seconds and bytes written per volume and stage, and what ``preprocess --delete-intermediates`` keeps."""
     common = dict(split="train", workers=1, pbar=False, overwrite=True)
-    fixed = timed(lambda: fix_data.run(root, **common))
+    ours = {"fix": timed(lambda: fix_data.run(root, **common))}
     generate_mask.run(root, masks_from=root / "totalseg_gt", **common)
-    resized = timed(lambda: resize.run(root, config=config, **common))
-    processed = timed(lambda: preprocess.run(root, config=config, **common))
+    ours["resize"] = timed(lambda: resize.run(root, config=config, **common))
+    ours["preprocess"] = timed(lambda: preprocess.run(root, config=config, **common))
     n = len(list_volumes(root, "train"))
+    written = {stage: folder_bytes(root / stage) / n / 1e6 for stage in STAGES}
+    preprocess.run(root, "train", workers=1, pbar=False, config=config, delete_intermediates_after=True)
+    kept = {stage: folder_bytes(root / stage) / n / 1e6 for stage in STAGES}
+    release, release_mb = release_format_pipeline(root, work / "release_files", cfg)
     shapes = [sitk.ReadImage(str(p)).GetSize()[::-1] for p in sorted((root / "train").glob("*/*/*.nii.gz"))]
     to_target = 512 * 512 * 240 / float(np.mean([np.prod(s) for s in shapes]))  # linear in voxels
-    wall = {k: v[0] / n for k, v in (("fix", fixed), ("resize", resized), ("preprocess", processed))}
-    cpu = {k: v[1] / n for k, v in (("fix", fixed), ("resize", resized), ("preprocess", processed))}
+
+    def per_volume(times: dict[str, tuple[float, float]], k: int) -> dict[str, float]:
+        steps = {step: round(t[k] / n, 3) for step, t in times.items()}
+        return steps | {"total_at_512x512x240": round(sum(t[k] for t in times.values()) / n * to_target, 3)}
+    ours_cpu, release_cpu = per_volume(ours, 1)["total_at_512x512x240"], per_volume(release, 1)["total_at_512x512x240"]
     return {"part": "pipeline", "volumes": n, "raw_shapes_dhw": shapes,
-            "seconds_per_volume": {k: round(v, 3) for k, v in wall.items()},
-            "cpu_seconds_per_volume": {k: round(v, 3) for k, v in cpu.items()},
-            "fix_resize_preprocess_s_at_512x512x240": round(sum(wall.values()) * to_target, 3),
-            "fix_resize_preprocess_cpu_s_at_512x512x240": round(sum(cpu.values()) * to_target, 3)}
+            "seconds_per_volume": per_volume(ours, 0), "cpu_seconds_per_volume": per_volume(ours, 1),
+            "release_format_seconds_per_volume": per_volume(release, 0),
+            "release_format_cpu_seconds_per_volume": per_volume(release, 1),
+            "speedup_vs_release_format_cpu": round(release_cpu / ours_cpu, 2),
+            "mb_written_per_volume": {k: round(v, 1) for k, v in written.items()} | {
+                "total_written": round(sum(v for k, v in written.items() if k != "train"), 1)},
+            "mb_kept_with_delete_intermediates": round(sum(v for k, v in kept.items() if k != "train"), 1),
+            "release_format_mb_written_per_volume": {k: round(v / n, 1) for k, v in release_mb.items()} | {
+                "total_written": round(sum(release_mb.values()) / n, 1)}}
+
+
+def release_format_pipeline(root: Path, out: Path, cfg: PipelineConfig
+                            ) -> tuple[dict[str, tuple[float, float]], dict[str, float]]:
+    """The baseline: the release's files for the same volumes, made with our computations so that only the files
+    differ: a fixed int16 copy, the resized image + mask and the cache as float32 [0, 1] image + uint8 mask, each a
+    ``.nii.gz`` written by SimpleITK with compression, as the release writes them (its TotalSegmentator mask is
+    ours, not timed). Returns (wall, CPU) seconds per step and MB per stage, summed over the volumes."""
+    lut = resize.build_label_lut(cfg)
+    metadata = fix_data.read_metadata(root, "train")
+    times = {step: (0.0, 0.0) for step in ("fix", "resize", "preprocess")}
+    mb = {"fixed": 0.0, "mask": 0.0, "resized": 0.0, "processed": 0.0}
+    for raw in sorted((root / "train").glob("*/*/*.nii.gz")):
+        folder = out / raw.name
+        folder.mkdir(parents=True)
+        labels_path = root / "train_mask" / raw.relative_to(root / "train")
+
+        def write(image: sitk.Image, name: str) -> None:
+            sitk.WriteImage(image, str(folder / name), useCompression=True)
+
+        def fix() -> None:
+            image = sitk.ReadImage(str(raw))
+            geometry = fix_data.fix_geometry(metadata[raw.name])
+            fixed = sitk.GetImageFromArray(fix_data.to_hu(sitk.GetArrayViewFromImage(image), geometry.slope,
+                                                          geometry.intercept))
+            fixed.SetSpacing(geometry.spacing_xyz), fixed.SetOrigin(geometry.origin_xyz)
+            fixed.SetDirection(geometry.direction)
+            write(fixed, "fixed.nii.gz")
+
+        def resize_() -> None:
+            image, labels = sitk.ReadImage(str(folder / "fixed.nii.gz")), sitk.ReadImage(str(labels_path))
+            image_r, labels_r = resize.resample_case(image, labels, cfg.target_spacing_xyz,
+                                                     mask_interpolation=cfg.mask_interpolation)
+            write(image_r, "resized_image.nii.gz")
+            anatomy = sitk.GetImageFromArray(resize.merge_labels(sitk.GetArrayViewFromImage(labels_r), lut))
+            anatomy.CopyInformation(labels_r)
+            write(anatomy, "resized_mask.nii.gz")
+
+        def preprocess_() -> None:
+            image = sitk.GetArrayFromImage(sitk.ReadImage(str(folder / "resized_image.nii.gz")))
+            mask = sitk.GetArrayFromImage(sitk.ReadImage(str(folder / "resized_mask.nii.gz")))
+            image, mask = preprocess.crop_pad_case(image, mask, cfg)
+            write(sitk.GetImageFromArray(scale_hu(image, cfg.hu_window)), "image.nii.gz")
+            write(sitk.GetImageFromArray(np.ascontiguousarray(mask)), "mask.nii.gz")
+
+        for step, fn in (("fix", fix), ("resize", resize_), ("preprocess", preprocess_)):
+            wall, cpu = timed(fn)
+            times[step] = (times[step][0] + wall, times[step][1] + cpu)
+        size = {f.name: f.stat().st_size / 1e6 for f in folder.iterdir()}
+        mb["fixed"] += size["fixed.nii.gz"]
+        mb["mask"] += labels_path.stat().st_size / 1e6
+        mb["resized"] += size["resized_image.nii.gz"] + size["resized_mask.nii.gz"]
+        mb["processed"] += size["image.nii.gz"] + size["mask.nii.gz"]
+        shutil.rmtree(folder)
+    return times, mb
 
 
 def reshaped_cache(src: Path, dst: Path, shape: Sequence[int], cfg: PipelineConfig) -> Path:
@@ -205,45 +275,6 @@ def folder_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file() and not p.name.startswith("."))
 
 
-def run_disk(root: Path, work: Path, cfg: PipelineConfig, config: Path) -> dict[str, object]:
-    n = len(list_volumes(root, "train"))
-    per_volume = {stage: round(folder_bytes(root / stage) / n / 1e6, 1) for stage in STAGES}
-    # {split}_fixed at level 1 (fix's --compresslevel 1), and resize reading it back
-    copy = work / "level1"
-    shutil.copytree(root, copy, ignore=shutil.ignore_patterns("processed_*", "resized_*"))
-    common = dict(workers=1, pbar=False, overwrite=True)
-    fix_wall = timed(lambda: fix_data.run(copy, "train", **common))[0]
-    resize_wall = timed(lambda: resize.run(copy, "train", config=config, **common))[0]
-    fix1_wall = timed(lambda: fix_data.run(copy, "train", compresslevel=1, **common))[0]
-    resize1_wall = timed(lambda: resize.run(copy, "train", config=config, **common))[0]
-    level1_mb = folder_bytes(copy / "train_fixed") / n / 1e6
-    shutil.rmtree(copy)
-    # the release's files for the same volumes: fixed int16 .nii.gz, TotalSegmentator mask .nii.gz
-    # (as ours), processed float32 image + mask .nii.gz (SimpleITK, default compression)
-    release = work / "release_files"
-    release.mkdir()
-    fixed_mb = 0.0
-    for path in sorted((root / "train_fixed").glob("*/*/*.nii.gz")):
-        sitk.WriteImage(sitk.ReadImage(str(path)), str(release / "fixed.nii.gz"), useCompression=True)
-        fixed_mb += (release / "fixed.nii.gz").stat().st_size / 1e6
-    processed_mb = 0.0
-    for image_path in list_volumes(root, "train"):
-        image, mask = open_volume(image_path), open_volume(image_to_mask_path(image_path))
-        sitk.WriteImage(sitk.GetImageFromArray(scale_hu(image, cfg.hu_window)), str(release / "image.nii.gz"),
-                        useCompression=True)
-        sitk.WriteImage(sitk.GetImageFromArray(np.ascontiguousarray(mask)), str(release / "mask.nii.gz"),
-                        useCompression=True)
-        processed_mb += sum((release / f).stat().st_size for f in ("image.nii.gz", "mask.nii.gz")) / 1e6
-    shutil.rmtree(release)
-    return {"part": "disk", "volumes": n, "mb_per_volume": per_volume,
-            "fixed_level1_mb_per_volume": round(level1_mb, 1),
-            "fix_s_per_volume": {"level0": round(fix_wall / n, 3), "level1": round(fix1_wall / n, 3)},
-            "resize_s_per_volume": {"level0_input": round(resize_wall / n, 3),
-                                    "level1_input": round(resize1_wall / n, 3)},
-            "release_mb_per_volume": {"fixed": round(fixed_mb / n, 1), "mask": per_volume["train_mask"],
-                                      "processed": round(processed_mb / n, 1)}}
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=2, help="realistic training patients to generate (1-2 volumes each)")
@@ -269,15 +300,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         root = args.work_dir or Path(tmp) / "data"
         if not (root / "metadata").is_dir():
             generate_dataset(root, n_train=args.n, n_valid=1, seed=args.seed, realistic=True)  # valid unused
-        if "pipeline" in args.only or not list_volumes(root, "train"):
-            print(json.dumps(run_pipeline(root, args.config) | machine()), flush=True)
         work = Path(tmp) / "work"
         work.mkdir()
+        if "pipeline" in args.only or not list_volumes(root, "train"):
+            print(json.dumps(run_pipeline(root, work, cfg, args.config) | machine()), flush=True)
         if "read" in args.only:
             for line in run_read(root, work, cfg, args):
                 print(json.dumps(line | machine()), flush=True)
-        if "disk" in args.only:
-            print(json.dumps(run_disk(root, work, cfg, args.config) | machine()), flush=True)
     return 0
 
 

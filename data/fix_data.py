@@ -1,16 +1,20 @@
-"""Step 1, fix (spec §2.1): raw CT-RATE volume + metadata row -> ``{split}_fixed/`` int16 HU, true geometry.
+"""Step 1, fix (spec §2.1): raw CT-RATE volume + metadata row -> its fix record: int16 HU, true geometry.
 
 The raw headers are not trusted: spacing ``(x, y) = XYSpacing``, ``z = ZSpacing``;
 origin = ``ImagePositionPatient``; direction columns = row cosine, column cosine
 and their cross product (``ImageOrientationPatient``); HU = raw * RescaleSlope +
-RescaleIntercept, rounded and cast to int16. The output keeps the ``.nii.gz``
-name. It is written as gzip level 0 by default ("stored": a valid ``.nii.gz`` that
-every reader opens, with no deflate work): on a noisy 512x512x240 CT, level 1
-costs ~2.5-3 s of one core to write and ~0.7 s more to read back in ``resize``,
-while shrinking the file only ~2x; ``--compresslevel 1..9`` trades that CPU for disk.
-Cases are the raw volumes found under ``{split}/``; a volume without a metadata
-row is a failed case (metadata rows without a volume are ignored, so a partial
-download works).
+RescaleIntercept, rounded and cast to int16. Cases are the raw volumes found under
+``{split}/``; a volume without a metadata row is a failed case (metadata rows without
+a volume are ignored, so a partial download works).
+
+What is written is not a second copy of the volume but its fix record,
+``{split}_fixed/{patient}/{scan}/{stem}.fix.json`` (~0.5 kB: version, geometry, rescale
+and the raw file's size and mtime). The next steps read a case's fixed volume with
+``read_fixed``: the raw volume with its record applied in memory, one rescale pass.
+A copy would be the largest file of the pipeline (~140 MB per 512x512x250 volume
+stored, ~70 MB and +2 s of one core at gzip level 1; docs/benchmarks.md) and only
+ever read back by the next two steps. A ``.nii.gz`` that is already in ``{split}_fixed/``
+(the v2 download, ``data.import_ct``) is read as it is and wins over a record.
 
 CT-RATE v1 or v2 (spec §2): the current download (v2, ``{split}_fixed/``) already
 holds HU and the true geometry while the metadata still lists the rescale, so each
@@ -26,8 +30,8 @@ volume found under ``{split}/`` is classified before anything is applied:
   v2 when spacing, origin and direction equal the metadata row's (1e-3 mm, 1e-2 mm,
   1e-3), v1 otherwise (v1 headers do not carry the real geometry).
 
-Only v1 is rescaled; both are written with the metadata geometry, so the two
-versions of a scan give the same fixed file. The decision per volume goes to
+Only v1 is rescaled; both get the metadata geometry, so the two versions of a scan
+give the same fixed volume. The decision per volume goes to
 ``fix_{split}_versions.csv`` (``volume,version,evidence``; ``_shardKofN`` like the
 failures file; a rerun updates the rows of the volumes it fixes and keeps the
 others). A data root with ``{split}_fixed/`` and no ``{split}/`` (the v2 download
@@ -56,12 +60,14 @@ if __package__ in (None, ""):  # run as `python fix_data.py` from inside data/
 import numpy as np
 import SimpleITK as sitk
 
-from data.common import (METADATA_FILES, CaseError, PipelineError, RunSummary, Task, failures_csv_path,
-                         list_inputs, run_cli, run_tasks, step_parser, volume_relpath)
-from data.io import VolumeReadError, check_complete, count_non_finite, write_csv, write_volume
+from data.common import (METADATA_FILES, NIFTI_GZ, CaseError, PipelineError, RunSummary, Task, failures_csv_path,
+                         list_inputs, nii_stem, run_cli, run_tasks, step_parser, volume_relpath)
+from data.io import (VolumeReadError, check_complete, count_non_finite, file_fingerprint, read_json, write_csv,
+                     write_json)
 
 logger = logging.getLogger(__name__)
 
+FIX_RECORD = ".fix.json"
 METADATA_COLUMNS = ("XYSpacing", "ZSpacing", "ImagePositionPatient", "ImageOrientationPatient",
                     "RescaleSlope", "RescaleIntercept")
 
@@ -182,19 +188,58 @@ def ctrate_version(image: sitk.Image, stored: np.ndarray, geometry: FixGeometry)
                     f"{'equals' if header == 2 else 'differs from'} the metadata geometry")
 
 
-def fix_case(src: Path, dst: Path, row: Mapping[str, str] | None, *, compresslevel: int = 0) -> dict:
-    """Fix one volume: write ``dst`` (int16 HU, metadata geometry), rescaling it only if it is v1 raw."""
+def fix_case(src: Path, record: Path, row: Mapping[str, str] | None) -> dict:
+    """Classify one raw volume and write its fix record (rescale only if it is v1 raw)."""
     if row is None:
         raise CaseError("no metadata row")
     geometry = fix_geometry(row)
     image = read_sitk(src)
     stored = sitk.GetArrayViewFromImage(image)  # (D, H, W)
     version, evidence = ctrate_version(image, stored, geometry)
-    hu = to_hu(stored, geometry.slope, geometry.intercept) if version == 1 else to_hu(stored, 1.0, 0.0)
-    write_volume(dst, hu, geometry.spacing_xyz, geometry.origin_xyz, geometry.direction,
-                 compresslevel=compresslevel)
-    return {"shape_dhw": hu.shape, "spacing_xyz": geometry.spacing_xyz, "version": version,
+    rescale = (geometry.slope, geometry.intercept) if version == 1 else (1.0, 0.0)
+    write_json(record, {"raw": file_fingerprint([src])[0], "version": version, "evidence": evidence,
+                        "shape_dhw": list(stored.shape), "spacing_xyz": list(geometry.spacing_xyz),
+                        "origin_xyz": list(geometry.origin_xyz), "direction": list(geometry.direction),
+                        "slope": rescale[0], "intercept": rescale[1]})
+    return {"shape_dhw": stored.shape, "spacing_xyz": geometry.spacing_xyz, "version": version,
             "evidence": evidence}
+
+
+def fix_record_path(fixed: Path) -> Path:
+    """``{split}_fixed/.../{stem}.nii.gz`` -> its fix record ``{stem}.fix.json`` beside it."""
+    return fixed.with_name(nii_stem(fixed.name) + FIX_RECORD)
+
+
+def fixed_sources(data_root: Path, split: str) -> dict[str, tuple[Path, ...]]:
+    """``VolumeName -> files`` its fixed volume is read from (``read_fixed``): ``({split}_fixed/...nii.gz,)``,
+    else ``(fix record, raw volume)``; ``PipelineError`` when there is no ``{split}_fixed/``."""
+    folder = Path(data_root) / f"{split}_fixed"
+    sources = {}
+    for record in list_inputs(folder, FIX_RECORD):
+        name = record[: -len(FIX_RECORD)] + NIFTI_GZ
+        rel = volume_relpath(name)
+        sources[name] = (folder / rel.with_name(record), Path(data_root) / split / rel)
+    sources.update({name: (folder / volume_relpath(name),) for name in list_inputs(folder)})
+    return dict(sorted(sources.items()))
+
+
+def read_fixed(sources: Sequence[Path]) -> sitk.Image:
+    """The fixed volume (int16 HU, true geometry) of one case from its ``fixed_sources`` entry."""
+    if len(sources) == 1:
+        return read_sitk(sources[0], "fixed volume")
+    record_path, raw = sources
+    record = read_json(record_path)
+    keys = ("raw", "shape_dhw", "spacing_xyz", "origin_xyz", "direction", "slope", "intercept")
+    if not isinstance(record, dict) or any(k not in record for k in keys):
+        raise CaseError(f"unreadable fix record {record_path}: rerun fix_data")
+    if file_fingerprint([raw])[0] != record["raw"]:
+        raise CaseError(f"{raw} is missing or changed since fix_data ran: rerun fix_data")
+    image = read_sitk(raw)
+    hu = to_hu(sitk.GetArrayViewFromImage(image), float(record["slope"]), float(record["intercept"]))
+    fixed = sitk.GetImageFromArray(hu)
+    fixed.SetSpacing(record["spacing_xyz"]), fixed.SetOrigin(record["origin_xyz"])
+    fixed.SetDirection(record["direction"])
+    return fixed
 
 
 def read_metadata(data_root: Path, split: str) -> dict[str, dict[str, str]]:
@@ -211,7 +256,7 @@ def read_metadata(data_root: Path, split: str) -> dict[str, dict[str, str]]:
 
 
 def run(data_root: str | Path, split: str, *, overwrite: bool = False, workers: int = 1,
-        shard: tuple[int, int] = (0, 1), pbar: bool = True, compresslevel: int = 0) -> RunSummary:
+        shard: tuple[int, int] = (0, 1), pbar: bool = True) -> RunSummary:
     """Fix every volume of ``{data_root}/{split}/`` (this shard's part); nothing when only ``{split}_fixed/`` exists."""
     root = Path(data_root)
     if not (root / split).is_dir() and (root / f"{split}_fixed").is_dir():
@@ -223,10 +268,9 @@ def run(data_root: str | Path, split: str, *, overwrite: bool = False, workers: 
     tasks = []
     for name in names:
         rel = volume_relpath(name)
-        dst = root / f"{split}_fixed" / rel
-        tasks.append(Task(name, (dst,), partial(fix_case, root / split / rel, dst, metadata.get(name),
-                                                compresslevel=compresslevel),
-                          inputs=(root / split / rel,), settings=repr((metadata.get(name), compresslevel))))
+        record = fix_record_path(root / f"{split}_fixed" / rel)
+        tasks.append(Task(name, (record,), partial(fix_case, root / split / rel, record, metadata.get(name)),
+                          inputs=(root / split / rel,), settings=repr(metadata.get(name))))
     summary = run_tasks("fix", split, root, tasks, overwrite=overwrite, workers=workers, shard=shard, pbar=pbar)
     versions = versions_csv_path(root, split, shard)
     record = read_versions(versions)
@@ -253,12 +297,9 @@ def versions_csv_path(data_root: Path, split: str, shard: tuple[int, int]) -> Pa
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = step_parser(__doc__.splitlines()[0])
-    parser.add_argument("--compresslevel", type=int, choices=range(0, 10), default=0, metavar="0-9",
-                        help="gzip level of the .nii.gz output (default 0: stored, fastest; 1 halves the size)")
-    args = parser.parse_args(argv)
+    args = step_parser(__doc__.splitlines()[0]).parse_args(argv)
     return run_cli(lambda: run(args.data_root, args.split, overwrite=args.overwrite, workers=args.workers,
-                               shard=args.shard, pbar=not args.no_pbar, compresslevel=args.compresslevel))
+                               shard=args.shard, pbar=not args.no_pbar))
 
 
 if __name__ == "__main__":

@@ -1,5 +1,7 @@
 """Step 2, mask (spec §2.2): fixed volume -> ``{split}_mask/`` TotalSegmentator ``total`` labels (uint8).
 
+Cases: the fixed volumes of ``data.fix_data.fixed_sources`` (fix records and ``{split}_fixed/`` files).
+
 Default: TotalSegmentator's python API, the full task ``total`` as the release runs
 it (``totalsegmentator(image, quiet=True)``: all five parts, so where parts overlap
 at organ borders the later part wins as in the release). ``--fast`` selects the
@@ -38,10 +40,10 @@ import nibabel as nib
 import numpy as np
 import SimpleITK as sitk
 
-from data.io import read_geometry, write_volume
-from data.common import (CaseError, PipelineConfig, PipelineError, RunSummary, Task, list_inputs,
-                         load_pipeline_config, run_cli, run_tasks, step_parser, volume_relpath)
-from data.fix_data import read_sitk
+from data.io import nifti_image, write_volume
+from data.common import (CaseError, PipelineConfig, PipelineError, RunSummary, Task, load_pipeline_config,
+                         run_cli, run_tasks, step_parser, volume_relpath)
+from data.fix_data import fixed_sources, read_fixed, read_sitk
 
 GEOMETRY_TOLERANCE = 1e-3
 INSTALL_HINT = ("run `totalseg_download_weights -t {task}` on a machine with internet access, then copy its "
@@ -104,19 +106,7 @@ def roi_classes(cfg: PipelineConfig) -> list[str]:
     return list(dict.fromkeys(c for classes in cfg.anatomy_classes for c in classes))
 
 
-def _image_info(path: Path) -> sitk.ImageFileReader:
-    if not path.is_file():
-        raise CaseError(f"missing image: {path}")
-    reader = sitk.ImageFileReader()
-    reader.SetFileName(str(path))
-    try:
-        reader.ReadImageInformation()
-    except RuntimeError:
-        raise CaseError(f"corrupt or truncated NIfTI {path.name}") from None
-    return reader
-
-
-def check_same_geometry(image: sitk.ImageFileReader | sitk.Image, mask: sitk.ImageFileReader | sitk.Image,
+def check_same_geometry(image: sitk.Image, mask: sitk.Image,
                         tolerance: float = GEOMETRY_TOLERANCE) -> None:
     """``CaseError('mask/image geometry mismatch: ...')`` unless size, spacing, origin, direction agree."""
     if tuple(image.GetSize()) != tuple(mask.GetSize()):
@@ -145,29 +135,32 @@ def check_labels(labels: np.ndarray, valid_ids: set[int]) -> np.ndarray:
     return labels
 
 
-def copy_mask_case(mask_src: Path, image: Path, dst: Path, valid_ids: set[int]) -> dict:
+def copy_mask_case(mask_src: Path, fixed: tuple[Path, ...], dst: Path, valid_ids: set[int]) -> dict:
     """Validate an existing label map against the fixed image and write it as ``dst`` (uint8)."""
-    info = _image_info(image)
+    image = read_fixed(fixed)
     mask = read_sitk(mask_src, "mask")
-    check_same_geometry(info, mask)
+    check_same_geometry(image, mask)
     labels = check_labels(sitk.GetArrayViewFromImage(mask), valid_ids)
-    write_volume(dst, labels, *read_geometry(image), compresslevel=1)
+    write_volume(dst, labels, image.GetSpacing(), image.GetOrigin(), image.GetDirection(), compresslevel=1)
     return {"shape_dhw": labels.shape}
 
 
-def segment_case(image: Path, dst: Path, *, roi_subset: list[str] | None, fast: bool, device: str) -> dict:
-    """Run TotalSegmentator ``total`` on one fixed volume and write its labels as ``dst`` (uint8)."""
+def segment_case(fixed: tuple[Path, ...], dst: Path, *, roi_subset: list[str] | None, fast: bool,
+                 device: str) -> dict:
+    """Run TotalSegmentator ``total`` on one fixed volume (handed over in memory, as the release does) and write
+    its labels as ``dst`` (uint8)."""
     from totalsegmentator.python_api import totalsegmentator
 
-    info = _image_info(image)
-    seg = totalsegmentator(nib.load(str(image)), None, ml=True, task="total", fast=fast, roi_subset=roi_subset,
-                           device=device, quiet=True, nr_thr_saving=1)
+    image = read_fixed(fixed)
+    geometry = (image.GetSpacing(), image.GetOrigin(), image.GetDirection())
+    seg = totalsegmentator(nifti_image(sitk.GetArrayFromImage(image), *geometry), None, ml=True, task="total",
+                           fast=fast, roi_subset=roi_subset, device=device, quiet=True, nr_thr_saving=1)
     labels = np.asarray(seg.dataobj).T  # (x, y, z) -> (D, H, W)
-    if labels.shape[::-1] != tuple(info.GetSize()):
+    if labels.shape[::-1] != tuple(image.GetSize()):
         raise CaseError(f"TotalSegmentator output shape {labels.shape} does not match the image")
     labels = check_labels(np.rint(labels).astype(np.int32) if labels.dtype.kind == "f" else labels,
                           total_class_ids())
-    write_volume(dst, labels, *read_geometry(image), compresslevel=1)
+    write_volume(dst, labels, *geometry, compresslevel=1)
     return {"shape_dhw": labels.shape}
 
 
@@ -187,14 +180,14 @@ def run(data_root: str | Path, split: str, *, overwrite: bool = False, workers: 
         check_totalseg_weights(fast=fast, roi_subset=roi_subset)
         disable_usage_stats()
     tasks = []
-    for name in list_inputs(root / f"{split}_fixed"):
+    for name, fixed in fixed_sources(root, split).items():
         rel = volume_relpath(name)
-        image, dst = root / f"{split}_fixed" / rel, root / f"{split}_mask" / rel
+        dst = root / f"{split}_mask" / rel
         if masks_from is not None:
-            fn = partial(copy_mask_case, source / rel, image, dst, valid_ids)
+            fn = partial(copy_mask_case, source / rel, fixed, dst, valid_ids)
         else:
-            fn = partial(segment_case, image, dst, roi_subset=classes, fast=fast, device=device)
-        inputs = (image, source / rel) if masks_from is not None else (image,)
+            fn = partial(segment_case, fixed, dst, roi_subset=classes, fast=fast, device=device)
+        inputs = (*fixed, source / rel) if masks_from is not None else fixed
         settings = "copy" if masks_from is not None else repr(("totalsegmentator", classes, fast))
         tasks.append(Task(name, (dst,), fn, inputs=inputs, settings=settings))
     return run_tasks("mask", split, root, tasks, overwrite=overwrite, workers=workers, shard=shard, pbar=pbar)

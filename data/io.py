@@ -33,6 +33,7 @@ import locale
 import math
 import os
 import shutil
+import zlib
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
@@ -270,6 +271,20 @@ def open_volume(path: str | Path) -> np.ndarray:
     return arr.T
 
 
+def read_volume(path: str | Path) -> np.ndarray:
+    """``(D, H, W)`` array of an unscaled NIfTI: memory-mapped (``open_volume``), or decoded when it is gzipped."""
+    if not str(path).endswith(".gz"):
+        return open_volume(path)
+    check_complete(path)
+    proxy = _load(path).dataobj
+    if proxy.slope != 1.0 or proxy.inter != 0.0:
+        raise VolumeReadError(f"{path}: scaled NIfTI (scl_slope={proxy.slope}, scl_inter={proxy.inter})")
+    try:
+        return np.asarray(proxy.get_unscaled()).T
+    except (ValueError, OSError, EOFError, zlib.error) as exc:
+        raise VolumeReadError(f"corrupt NIfTI {path}: {exc}") from exc
+
+
 def read_geometry(path: str | Path) -> tuple[tuple[float, ...], tuple[float, ...], tuple[float, ...]]:
     """(spacing_xyz, origin_xyz, direction) from the header only."""
     return geometry_from_affine(_load(path).affine)
@@ -289,7 +304,14 @@ def write_volume(path: str | Path, array_dhw: np.ndarray, spacing_xyz: Sequence[
     ``.nii`` is written uncompressed (the cache format); ``.nii.gz`` with gzip
     ``compresslevel`` (1 = fastest). The dtype is kept; no scaling is stored.
     """
-    path = Path(path)
+    img = nifti_image(array_dhw, spacing_xyz, origin_xyz, direction)
+    with atomic_output(path) as tmp:
+        _save_nifti(img, tmp, compresslevel)
+
+
+def nifti_image(array_dhw: np.ndarray, spacing_xyz: Sequence[float], origin_xyz: Sequence[float] = (0.0, 0.0, 0.0),
+                direction: Sequence[float] = IDENTITY_DIRECTION) -> nib.Nifti1Image:
+    """In-memory NIfTI of a ``(D, H, W)`` array with SimpleITK (LPS) geometry, as ``write_volume`` stores it."""
     array_dhw = np.asarray(array_dhw)
     if array_dhw.ndim != 3:
         raise ValueError(f"expected a (D, H, W) array, got shape {array_dhw.shape}")
@@ -298,8 +320,7 @@ def write_volume(path: str | Path, array_dhw: np.ndarray, spacing_xyz: Sequence[
     img.header.set_xyzt_units("mm", "sec")
     img.set_qform(img.affine, code=1)
     img.set_sform(img.affine, code=1)
-    with atomic_output(path) as tmp:
-        _save_nifti(img, tmp, compresslevel)
+    return img
 
 
 def _save_nifti(img: nib.Nifti1Image, path: Path, compresslevel: int) -> None:

@@ -17,9 +17,9 @@ last, the anatomy boxes ``{stem}.boxes.json`` (``data.anatomy_boxes``); the orig
 by the crop/pad offset, so the cache still overlays the fixed image in a viewer.
 ``data.io.open_volume`` memory-maps them: a random crop reads only its voxels.
 
-``--delete-intermediates`` then deletes, for each cached case, the files nothing reads
-once the cache exists (``delete_intermediates``): ~140 MB of a 512x512x~250 volume's
-~215 MB. Run the steps shard by shard (``--shard K/N``) to bound the peak as well.
+``--delete-intermediates`` then deletes, for each cached case, the resized pair nothing
+reads once the cache exists (``delete_intermediates``): ~30 of a 512x512x~250 volume's
+~61 MB. Run the steps shard by shard (``--shard K/N``) to bound the peak as well.
 """
 from __future__ import annotations
 
@@ -38,7 +38,8 @@ import numpy as np
 from data.anatomy_boxes import boxes_path, write_boxes
 from data.common import (NIFTI_GZ, CaseError, PipelineConfig, RunSummary, Task, list_inputs, load_pipeline_config,
                          nii_stem, run_cli, run_tasks, select_shard, step_parser, volume_relpath)
-from data.io import VolumeReadError, open_volume, read_geometry, write_volume
+from data.io import VolumeReadError, open_volume, read_geometry, read_volume, write_volume
+from data.resize import resized_paths
 
 logger = logging.getLogger(__name__)
 
@@ -116,7 +117,7 @@ def preprocess_case(image_src: Path, mask_src: Path, image_dst: Path, mask_dst: 
     if not mask_src.is_file():
         raise CaseError(f"missing mask: {mask_src}")
     try:
-        image_in, mask_in = open_volume(image_src), open_volume(mask_src)
+        image_in, mask_in = open_volume(image_src), read_volume(mask_src)
         spacing, origin, direction = read_geometry(image_src)
         mask_geometry = read_geometry(mask_src)
     except VolumeReadError as exc:
@@ -141,26 +142,22 @@ def missing_anatomies(mask_dhw: np.ndarray, cfg: PipelineConfig) -> str | None:
 
 
 def delete_intermediates(root: Path, split: str, names: Sequence[str]) -> int:
-    """Delete the intermediates of each case whose cache is complete and newer; returns the count.
+    """Delete the resized pair of each case whose cache is complete and newer; returns the count.
 
-    Deleted: the resized pair, and the ``{split}_fixed`` volume when its raw source
-    ``{split}/...`` is there to remake it (otherwise it may be the user's v2 download: kept).
-    The TotalSegmentator mask (~1 MB, GPU minutes) stays. The anatomy box record is written
-    last and atomically, so its presence means the case is complete; intermediates rewritten
-    after it (a step re-run with --overwrite) are kept. The resized image, by which this step
-    lists a case, goes first: a kill can leave a case's other intermediates (the next run,
-    which also looks for them by the resized masks, deletes them) but never a listed case
-    without its mask, which a rerun would take as a changed input.
+    The anatomy box record is written last and atomically, so its presence means the case
+    is complete; a pair rewritten after it (resize re-run with --overwrite) is kept. The
+    TotalSegmentator mask (~1 MB, GPU minutes) and the fixed volume (a fix record, or the
+    download itself) stay. The resized image, by which this step lists a case, goes first:
+    a kill can leave a case's mask (the next run, which also looks for them by the resized
+    masks, deletes it) but never a listed case without its mask, which a rerun would take
+    as a changed input.
     """
     deleted = 0
     for name in names:
-        rel = volume_relpath(name)
-        fixed_rel = rel.with_name(nii_stem(name) + NIFTI_GZ)
-        image_src, mask_src = root / f"resized_{split}_images" / rel, root / f"resized_{split}_masks" / rel
-        fixed, raw = root / f"{split}_fixed" / fixed_rel, root / split / fixed_rel
+        rel = volume_relpath(name).with_name(nii_stem(name) + ".nii")
+        doomed = [p for p in resized_paths(root, split, name) if p.is_file()]
         cache_image, cache_mask = root / f"processed_{split}_images" / rel, root / f"processed_{split}_masks" / rel
         record = boxes_path(cache_mask)
-        doomed = [p for p in (image_src, mask_src, fixed if raw.is_file() else None) if p is not None and p.is_file()]
         if not (doomed and cache_image.is_file() and cache_mask.is_file() and record.is_file()):
             continue
         if record.stat().st_mtime < max(p.stat().st_mtime for p in doomed):
@@ -181,14 +178,14 @@ def run(data_root: str | Path, split: str, *, overwrite: bool = False, workers: 
     for name in list_inputs(root / f"resized_{split}_images", ".nii"):
         rel = volume_relpath(name)
         image_dst, mask_dst = root / f"processed_{split}_images" / rel, root / f"processed_{split}_masks" / rel
-        fn = partial(preprocess_case, root / f"resized_{split}_images" / rel, root / f"resized_{split}_masks" / rel,
-                     image_dst, mask_dst, cfg)
+        fn = partial(preprocess_case, *resized_paths(root, split, name), image_dst, mask_dst, cfg)
         tasks.append(Task(name, (image_dst, mask_dst, boxes_path(mask_dst)), fn, inputs=fn.args[:2],
                           settings=repr(cfg)))
     summary = run_tasks("preprocess", split, root, tasks, overwrite=overwrite, workers=workers, shard=shard,
                         pbar=pbar)
     if delete_intermediates_after:
-        listed = {t.name for t in tasks} | set(list_inputs(root / f"resized_{split}_masks", ".nii"))
+        listed = {nii_stem(name) + NIFTI_GZ for name in
+                  [t.name for t in tasks] + list_inputs(root / f"resized_{split}_masks", NIFTI_GZ)}
         deleted = delete_intermediates(root, split, select_shard(sorted(listed), shard))
         logger.info("preprocess %s: deleted the intermediates of %d cached cases", split, deleted)
     return summary
@@ -197,8 +194,8 @@ def run(data_root: str | Path, split: str, *, overwrite: bool = False, workers: 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = step_parser(__doc__.splitlines()[0])
     parser.add_argument("--delete-intermediates", action="store_true",
-                        help="once a case's cache pair is complete, delete its resized pair and its fixed volume "
-                             "(if the raw one is there to remake it); re-running fix/resize would redo those cases")
+                        help="once a case's cache pair is complete, delete its resized pair (re-running resize "
+                             "would redo those cases)")
     args = parser.parse_args(argv)
     return run_cli(lambda: run(args.data_root, args.split, overwrite=args.overwrite, workers=args.workers,
                                shard=args.shard, pbar=not args.no_pbar, config=args.config,

@@ -15,7 +15,7 @@ import SimpleITK as sitk
 
 from data import fix_data, generate_mask, preprocess, resize
 from data.io import (geometry_from_affine, image_to_mask_path, list_volumes, open_volume, read_geometry,
-                        read_spacing_xyz, scale_hu, write_volume)
+                        read_spacing_xyz, read_volume, scale_hu, write_volume)
 from data.common import (CaseError, Task, load_pipeline_config, parse_shard, run_tasks, select_shard,
                          volume_relpath)
 from data.synthetic import generate_dataset, load_truth
@@ -181,12 +181,26 @@ def test_fix_matches_generator_truth(processed):
     assert len(names) >= 3
     for name in names:
         truth = load_truth(processed, name)
-        image = sitk.ReadImage(str(processed / "train_fixed" / volume_relpath(name)))
+        image = fix_data.read_fixed(fix_data.fixed_sources(processed, "train")[name])
         assert image.GetPixelID() == sitk.sitkInt16
         assert np.array_equal(sitk.GetArrayFromImage(image), truth["hu"])
         assert np.allclose(image.GetSpacing(), truth["spacing_xyz"], atol=1e-5)
         assert np.allclose(image.GetOrigin(), truth["origin_xyz"], atol=1e-3)
         assert np.allclose(image.GetDirection(), truth["direction"], atol=1e-6)
+    # what fix writes is a record per volume, not a copy of it
+    records = sorted((processed / "train_fixed").rglob("*.fix.json"))
+    assert [p.name for p in records] == [n.replace(".nii.gz", ".fix.json") for n in names]
+    assert not list((processed / "train_fixed").rglob("*.nii*")) and max(p.stat().st_size for p in records) < 1000
+
+
+def test_a_raw_volume_changed_after_fix_fails_its_case_until_fix_reruns(work):
+    assert run_step("fix", work) == 0
+    name = raw_names(work)[0]
+    raw = work / "train" / volume_relpath(name)
+    os.utime(raw, ns=(raw.stat().st_atime_ns, raw.stat().st_mtime_ns + 10**9))
+    assert run_step("mask", work) == 1
+    assert failures(work, "mask") == {name: f"{raw} is missing or changed since fix_data ran: rerun fix_data"}
+    assert run_step("fix", work) == 0 and run_step("mask", work) == 0
 
 
 def test_merge_maps_every_class_as_the_anatomy_map_says():
@@ -206,10 +220,8 @@ def test_resize_sizes_spacing_and_labels(processed):
     cfg = load_pipeline_config()
     lut = resize.build_label_lut(cfg)
     for name in raw_names(processed):
-        fixed = sitk.ReadImage(str(processed / "train_fixed" / volume_relpath(name)))
-        out_rel = volume_relpath(name).with_name(name.replace(".nii.gz", ".nii"))
-        image = sitk.ReadImage(str(processed / "resized_train_images" / out_rel))
-        mask = sitk.ReadImage(str(processed / "resized_train_masks" / out_rel))
+        fixed = fix_data.read_fixed(fix_data.fixed_sources(processed, "train")[name])
+        image, mask = (sitk.ReadImage(str(p)) for p in resize.resized_paths(processed, "train", name))
         n = np.asarray(fixed.GetSize())
         expected = [int(k * s / t) for k, s, t in zip(n, fixed.GetSpacing(), cfg.target_spacing_xyz)]
         assert list(image.GetSize()) == expected == list(mask.GetSize())
@@ -236,8 +248,7 @@ def test_preprocess_invariants(processed):
         image, mask = open_volume(path), open_volume(image_to_mask_path(path))
         assert image.dtype == np.int16 and mask.dtype == np.uint8 and image.shape == mask.shape
         assert all(s >= m for s, m in zip(image.shape, cfg.min_size_dhw))
-        resized_mask = open_volume(processed / "resized_train_masks" / path.relative_to(
-            processed / "processed_train_images"))
+        resized_mask = read_volume(resize.resized_paths(processed, "train", path.name)[1])
         assert set(np.unique(resized_mask)) == set(np.unique(mask))
         assert scale_hu(image[:1, :1, :1], cfg.hu_window)[0, 0, 0] == 0.0  # corner = padding (tiny volumes)
         assert read_spacing_xyz(path) == pytest.approx(read_spacing_xyz(processed / "resized_train_images" /
@@ -273,7 +284,7 @@ def test_scripts_run_from_inside_data_folder(dataset, tmp_path):
                              "--no-pbar"], cwd=REPO_ROOT / "data", capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "fix valid: processed 1, skipped 0, failed 0" in result.stderr
-    assert len(list((root / "valid_fixed").glob("*/*/*.nii.gz"))) == 1
+    assert len(list((root / "valid_fixed").glob("*/*/*.fix.json"))) == 1
 
 
 # ---------------------------------------------------------------------------- resumability
@@ -325,7 +336,7 @@ def test_killed_write_leaves_no_final_file_and_rerun_is_correct(processed, work,
 def test_truncated_output_from_killed_run_is_redone_with_overwrite(processed, tmp_path):
     root = tmp_path / "root"
     shutil.copytree(processed, root)
-    target = root / "train_fixed" / volume_relpath(raw_names(root)[0])
+    target = fix_data.fix_record_path(root / "train_fixed" / volume_relpath(raw_names(root)[0]))
     good = target.read_bytes()
     target.write_bytes(good[:100])
     assert run_step("fix", root, "train", "--overwrite") == 0
@@ -360,7 +371,7 @@ def test_bad_raw_inputs_are_failed_cases(work):
     assert failed["train_99_a_1.nii.gz"] == "no metadata row"
     assert failed[unparsable].startswith("unparsable spacing")
     written = {p.name for p in (work / "train_fixed").rglob("*") if p.is_file()}
-    assert written == set(names[3:])  # nothing half-written, no temporaries
+    assert written == {n.replace(".nii.gz", ".fix.json") for n in names[3:]}  # nothing half-written
     assert not tmp_files(work)
 
 
@@ -401,11 +412,11 @@ def test_bad_masks_are_failed_cases(work):
 def test_no_anatomy_and_missing_resized_mask_fail_in_preprocess(processed, tmp_path):
     root = tmp_path / "root"
     shutil.copytree(processed, root, ignore=shutil.ignore_patterns("processed_*"))
-    names = sorted(p.name for p in (root / "resized_train_masks").glob("*/*/*.nii"))
-    empty = root / "resized_train_masks" / volume_relpath(names[0])
+    names = sorted(p.name for p in (root / "resized_train_images").glob("*/*/*.nii"))
+    empty = resize.resized_paths(root, "train", names[0])[1]
     spacing, origin, direction = read_geometry(empty)
-    write_volume(empty, np.zeros(open_volume(empty).shape, np.uint8), spacing, origin, direction)
-    (root / "resized_train_masks" / volume_relpath(names[1])).unlink()
+    write_volume(empty, np.zeros(read_volume(empty).shape, np.uint8), spacing, origin, direction)
+    resize.resized_paths(root, "train", names[1])[1].unlink()
     assert run_step("preprocess", root) == 1
     failed = failures(root, "preprocess")
     assert failed == {names[0]: "no anatomy found", names[1]: failed[names[1]]}
@@ -430,7 +441,7 @@ def test_crashed_worker_is_a_failed_case_not_a_hang(tmp_path):
 
 def test_workers_run_in_parallel_processes(work):
     assert run_step("fix", work, "train", "--workers", "2") == 0
-    assert len(list((work / "train_fixed").glob("*/*/*.nii.gz"))) == len(raw_names(work))
+    assert len(list((work / "train_fixed").glob("*/*/*.fix.json"))) == len(raw_names(work))
 
 
 # ---------------------------------------------------------------------------- shards
@@ -441,7 +452,7 @@ def test_shards_cover_every_volume_exactly_once(work):
         assert run_step("fix", work, "train", "--shard", f"{k}/3") == 0
         with open(work / f"fix_train_shard{k}of3_failures.csv") as f:
             assert f.read().strip() == "volume,reason"
-    assert sorted(p.name for p in (work / "train_fixed").glob("*/*/*.nii.gz")) == names
+    assert sorted(p.name.replace(".fix.json", ".nii.gz") for p in (work / "train_fixed").glob("*/*/*")) == names
     parts = [select_shard(names, (k, 3)) for k in range(3)]
     assert sorted(sum(parts, [])) == names and sum(len(p) for p in parts) == len(names)
 
@@ -505,9 +516,9 @@ def test_usage_stats_turned_off_before_totalsegmentator_runs(roi_subset, process
     def fake_totalsegmentator(image, output, **kwargs):  # returns the truth labels
         config = json.loads((home / "config.json").read_text())
         calls.append((config["send_usage_stats"], kwargs))
-        fixed = Path(image.get_filename())
-        labels = load_truth(root, fixed.name)["labels"]
-        return nib.Nifti1Image(labels.T.copy(), image.affine)
+        hu = np.asarray(image.dataobj).T  # handed over in memory, as the release does
+        name = next(n for n in raw_names(root) if np.array_equal(load_truth(root, n)["hu"], hu))
+        return nib.Nifti1Image(load_truth(root, name)["labels"].T.copy(), image.affine)
 
     monkeypatch.setattr(api, "totalsegmentator", fake_totalsegmentator)
     assert generate_mask.main(["--data-root", str(root), "--split", "train", "--no-pbar", "--fast",

@@ -13,6 +13,7 @@ from data.anatomy_boxes import anatomy_boxes, boxes_path, write_boxes
 from data.io import open_volume, scale_hu, write_volume
 from data.common import load_pipeline_config, volume_relpath
 from data.dataset import CTRateTrainDataset, SampleReadError, collate, model_inputs, scan_id_of, usable_anatomies
+from data.resize import resized_paths
 from data.texts import text_hash
 from tests.conftest import write_cache_case
 
@@ -292,9 +293,8 @@ def test_preprocess_writes_box_record(tmp_path):
 def test_preprocess_redoes_a_case_without_its_box_record(tmp_path):
     """The record is written last: a run killed before it leaves a case the next run redoes."""
     image, mask = _volume(0)
-    for kind, array in (("images", image), ("masks", mask)):
-        write_volume(tmp_path / f"resized_train_{kind}" / "train_1" / "train_1_a" / "train_1_a_1.nii", array,
-                     (1.0, 1.0, 3.0))
+    for path, array in zip(resized_paths(tmp_path, "train", "train_1_a_1.nii.gz"), (image, mask)):
+        write_volume(path, array, (1.0, 1.0, 3.0))
     config = Path(__file__).resolve().parents[1] / "configs" / "pipeline_demo.yaml"
     record = boxes_path(tmp_path / "processed_train_masks" / "train_1" / "train_1_a" / "train_1_a_1.nii")
     assert preprocess.run(tmp_path, "train", pbar=False, config=config).processed == 1

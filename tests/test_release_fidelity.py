@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from data import preprocess, resize
-from data.io import image_to_mask_path, list_volumes, open_volume, scale_hu, write_volume
+from data.io import image_to_mask_path, list_volumes, open_volume, read_volume, scale_hu, write_volume
 from data.common import PipelineConfig, load_pipeline_config, volume_relpath
 from data.synthetic import Grid, render, scan_phantom
 
@@ -164,8 +164,7 @@ def test_default_pipeline_cache_equals_the_release_reference(realistic_root):
         assert np.array_equal(mask, want_mask)
         assert np.abs(scale_hu(image, cfg.hu_window) - want_image).max() <= 4e-4  # int16 HU rounding only
         assert len(np.unique(mask)) >= 3  # background and at least two anatomies
-        window = preprocess.crop_pad_window(open_volume(root / "resized_train_masks" / volume_relpath(
-            name.replace(".nii.gz", ".nii"))), cfg)
+        window = preprocess.crop_pad_window(read_volume(resize.resized_paths(root, "train", name)[1]), cfg)
         assert all(stop < size for stop, size in zip(window.stop, mask.shape))  # the exclusive end is exercised
 
 
@@ -182,7 +181,7 @@ def test_nearest_exact_mask_option_reaches_the_resize_step(realistic_root, tmp_p
         release = sitk.GetArrayFromImage(resize.resample_case(image, anatomy, (1.0, 1.0, 3.0))[1])
         exact = sitk.GetArrayFromImage(resize.resample_case(image, anatomy, (1.0, 1.0, 3.0),
                                                             mask_interpolation="nearest-exact")[1])
-        written = open_volume(work / "resized_train_masks" / volume_relpath(name.replace(".nii.gz", ".nii")))
+        written = read_volume(resize.resized_paths(work, "train", name)[1])
         assert np.array_equal(written, exact) and not np.array_equal(written, release)
     assert len(list_volumes(work, "train")) == len(truth)
 
@@ -206,7 +205,7 @@ ROW = {"XYSpacing": "[0.75, 0.75]", "ZSpacing": "1.5", "ImagePositionPatient": "
 
 @pytest.mark.parametrize("slope, intercept", [(1, -1024), (1, -8192), (2, -1024), (1, 0)])
 def test_ctrate_version_from_values_then_header(slope, intercept, tmp_path):
-    from data.fix_data import ctrate_version, fix_case, fix_geometry
+    from data.fix_data import ctrate_version, fix_case, fix_geometry, read_fixed
 
     row = {**ROW, "RescaleSlope": str(slope), "RescaleIntercept": str(intercept)}
     geometry = fix_geometry(row)
@@ -226,8 +225,8 @@ def test_ctrate_version_from_values_then_header(slope, intercept, tmp_path):
     # both end as the same fixed volume
     for name, image in (("v1", v1), ("v2", v2)):
         sitk.WriteImage(image, str(tmp_path / f"{name}.nii.gz"))
-        fix_case(tmp_path / f"{name}.nii.gz", tmp_path / f"{name}_fixed.nii.gz", row)
-    fixed = [sitk.ReadImage(str(tmp_path / f"{name}_fixed.nii.gz")) for name in ("v1", "v2")]
+        fix_case(tmp_path / f"{name}.nii.gz", tmp_path / f"{name}.fix.json", row)
+    fixed = [read_fixed((tmp_path / f"{name}.fix.json", tmp_path / f"{name}.nii.gz")) for name in ("v1", "v2")]
     expected = hu if slope == 1 else (raw.astype(np.int32) * slope + intercept)  # v1 keeps the stored rounding
     assert np.array_equal(sitk.GetArrayFromImage(fixed[0]), expected)
     assert np.array_equal(sitk.GetArrayFromImage(fixed[1]), hu)
@@ -298,7 +297,7 @@ def test_v2_files_under_the_raw_folder_are_not_rescaled_twice(v1_v2_roots, tmp_p
     assert fix_data.main(["--data-root", str(root), "--split", "train", "--no-pbar"]) == 0
     names = sorted(p.name for p in (root / "train").glob("*/*/*.nii.gz"))
     for name in names:
-        fixed = sitk.GetArrayFromImage(sitk.ReadImage(str(root / "train_fixed" / volume_relpath(name))))
+        fixed = sitk.GetArrayFromImage(fix_data.read_fixed(fix_data.fixed_sources(root, "train")[name]))
         assert np.array_equal(fixed, load_truth(root, name)["hu"])
     rows = (root / "fix_train_versions.csv").read_text().splitlines()[1:]
     assert len(rows) == len(names) and all(",2," in row for row in rows)

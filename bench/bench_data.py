@@ -9,7 +9,8 @@ in a temporary folder and prints one JSON line per part (``--only`` picks parts)
   ``preprocess --delete-intermediates`` keeps). Masks come from the generator's ground
   truth (``generate_mask --masks-from``; TotalSegmentator itself is not timed). The
   baseline, in the same run: the release's files for the same volumes made with our
-  computations (``release_format_pipeline``), so its time is a lower bound of the release's.
+  computations (``release_format_pipeline``), so its time is a lower bound of the release's;
+  ``--repeats`` comparisons in alternating order (the host is shared).
 - ``read``: ``CTRateTrainDataset.__getitem__`` itself (the code train.py runs; crop
   (112, 256, 352), flips p = 0.2) on caches of several shapes cut or padded from
   the pipeline's cache (``--shapes``; the first is exactly the crop), one process
@@ -19,7 +20,7 @@ in a temporary folder and prints one JSON line per part (``--only`` picks parts)
   ``.nii.gz`` mask, SimpleITK); then DataLoader items/s with 1, 2, 4 and 8
   workers (``--workers``; not pinned: above the host's core count they share cores).
 
-    python bench/bench_data.py [--n 2] [--items 60] [--only read] [--pin] [--work-dir DIR]
+    python bench/bench_data.py [--n 2] [--repeats 3] [--items 60] [--only read] [--work-dir DIR]
 """
 from __future__ import annotations
 
@@ -75,36 +76,49 @@ def machine() -> dict[str, object]:
             "torch_threads": torch.get_num_threads()}
 
 
-def run_pipeline(root: Path, work: Path, cfg: PipelineConfig, config: Path) -> dict[str, object]:
-    """Ours (the steps as the user runs them, one worker) against the release's file formats, same volumes, same run:
-    seconds and bytes written per volume and stage, and what ``preprocess --delete-intermediates`` keeps."""
+def run_pipeline(root: Path, work: Path, cfg: PipelineConfig, config: Path, repeats: int) -> dict[str, object]:
+    """Ours (the steps as the user runs them, one worker) against the release's file formats, same volumes, same run,
+    ``repeats`` times in alternating order: seconds and bytes written per volume and stage, and what
+    ``preprocess --delete-intermediates`` keeps."""
     common = dict(split="train", workers=1, pbar=False, overwrite=True)
-    ours = {"fix": timed(lambda: fix_data.run(root, **common))}
-    generate_mask.run(root, masks_from=root / "totalseg_gt", **common)
-    ours["resize"] = timed(lambda: resize.run(root, config=config, **common))
-    ours["preprocess"] = timed(lambda: preprocess.run(root, config=config, **common))
+
+    def ours() -> dict[str, tuple[float, float]]:
+        times = {"fix": timed(lambda: fix_data.run(root, **common))}
+        generate_mask.run(root, masks_from=root / "totalseg_gt", **common)
+        times["resize"] = timed(lambda: resize.run(root, config=config, **common))
+        times["preprocess"] = timed(lambda: preprocess.run(root, config=config, **common))
+        return times
+
+    runs: dict[str, list] = {"ours": [], "release_format": []}
+    for r in range(repeats):
+        for who in (("ours", "release_format") if r % 2 == 0 else ("release_format", "ours")):
+            runs[who].append(ours() if who == "ours" else release_format_pipeline(root, work / "release_files", cfg))
     n = len(list_volumes(root, "train"))
     written = {stage: folder_bytes(root / stage) / n / 1e6 for stage in STAGES}
     preprocess.run(root, "train", workers=1, pbar=False, config=config, delete_intermediates_after=True)
     kept = {stage: folder_bytes(root / stage) / n / 1e6 for stage in STAGES}
-    release, release_mb = release_format_pipeline(root, work / "release_files", cfg)
+    release_mb = runs["release_format"][0][1]
     shapes = [sitk.ReadImage(str(p)).GetSize()[::-1] for p in sorted((root / "train").glob("*/*/*.nii.gz"))]
     to_target = 512 * 512 * 240 / float(np.mean([np.prod(s) for s in shapes]))  # linear in voxels
 
     def per_volume(times: dict[str, tuple[float, float]], k: int) -> dict[str, float]:
         steps = {step: round(t[k] / n, 3) for step, t in times.items()}
         return steps | {"total_at_512x512x240": round(sum(t[k] for t in times.values()) / n * to_target, 3)}
-    ours_cpu, release_cpu = per_volume(ours, 1)["total_at_512x512x240"], per_volume(release, 1)["total_at_512x512x240"]
-    return {"part": "pipeline", "volumes": n, "raw_shapes_dhw": shapes,
-            "seconds_per_volume": per_volume(ours, 0), "cpu_seconds_per_volume": per_volume(ours, 1),
-            "release_format_seconds_per_volume": per_volume(release, 0),
-            "release_format_cpu_seconds_per_volume": per_volume(release, 1),
-            "speedup_vs_release_format_cpu": round(release_cpu / ours_cpu, 2),
-            "mb_written_per_volume": {k: round(v, 1) for k, v in written.items()} | {
-                "total_written": round(sum(v for k, v in written.items() if k != "train"), 1)},
-            "mb_kept_with_delete_intermediates": round(sum(v for k, v in kept.items() if k != "train"), 1),
-            "release_format_mb_written_per_volume": {k: round(v / n, 1) for k, v in release_mb.items()} | {
-                "total_written": round(sum(release_mb.values()) / n, 1)}}
+    line: dict[str, object] = {"part": "pipeline", "volumes": n, "raw_shapes_dhw": shapes, "repeats": repeats}
+    for who, results in runs.items():
+        times = [r if who == "ours" else r[0] for r in results]
+        line[f"{who}_seconds_per_volume"] = [per_volume(t, 0) for t in times]
+        line[f"{who}_cpu_seconds_per_volume"] = [per_volume(t, 1) for t in times]
+    totals = {who: [t["total_at_512x512x240"] for t in line[f"{who}_cpu_seconds_per_volume"]] for who in runs}
+    line["median_cpu_s_at_512x512x240"] = {who: round(float(np.median(v)), 3) for who, v in totals.items()}
+    line["speedup_vs_release_format_cpu_median"] = round(float(np.median(totals["release_format"])
+                                                               / np.median(totals["ours"])), 2)
+    return line | {
+        "mb_written_per_volume": {k: round(v, 1) for k, v in written.items()} | {
+            "total_written": round(sum(v for k, v in written.items() if k != "train"), 1)},
+        "mb_kept_with_delete_intermediates": round(sum(v for k, v in kept.items() if k != "train"), 1),
+        "release_format_mb_written_per_volume": {k: round(v / n, 1) for k, v in release_mb.items()} | {
+            "total_written": round(sum(release_mb.values()) / n, 1)}}
 
 
 def release_format_pipeline(root: Path, out: Path, cfg: PipelineConfig
@@ -279,6 +293,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=2, help="realistic training patients to generate (1-2 volumes each)")
     parser.add_argument("--only", choices=PARTS, nargs="+", default=list(PARTS))
+    parser.add_argument("--repeats", type=int, default=3, help="pipeline comparisons, in alternating order")
     parser.add_argument("--items", type=int, default=60, help="__getitem__ calls timed per cache shape")
     parser.add_argument("--decodes", type=int, default=5, help="release-format decodes timed per cache shape")
     parser.add_argument("--shapes", type=lambda s: tuple(int(v) for v in s.split("x")), nargs="+",
@@ -303,7 +318,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         work = Path(tmp) / "work"
         work.mkdir()
         if "pipeline" in args.only or not list_volumes(root, "train"):
-            print(json.dumps(run_pipeline(root, work, cfg, args.config) | machine()), flush=True)
+            print(json.dumps(run_pipeline(root, work, cfg, args.config, args.repeats) | machine()), flush=True)
         if "read" in args.only:
             for line in run_read(root, work, cfg, args):
                 print(json.dumps(line | machine()), flush=True)

@@ -10,7 +10,8 @@ in a temporary folder and prints one JSON line per part (``--only`` picks parts)
   truth (``generate_mask --masks-from``; TotalSegmentator itself is not timed). The
   baseline, in the same run: the release's files for the same volumes made with our
   computations (``release_format_pipeline``), so its time is a lower bound of the release's;
-  ``--repeats`` comparisons in alternating order (the host is shared).
+  ``--repeats`` comparisons in alternating order (the host is shared). ``--checkout DIR``
+  also times another checkout's steps (e.g. the previous commit) the same way.
 - ``read``: ``CTRateTrainDataset.__getitem__`` itself (the code train.py runs; crop
   (112, 256, 352), flips p = 0.2) on caches of several shapes cut or padded from
   the pipeline's cache (``--shapes``; the first is exactly the crop), one process
@@ -30,6 +31,7 @@ import os
 import platform
 import resource
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -38,7 +40,8 @@ from typing import Callable, Sequence
 
 for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"):
     os.environ[_var] = "1"
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+# --checkout runs this file again with another checkout's data steps (FVLM_CHECKOUT) first on the path
+sys.path.insert(0, os.environ.get("FVLM_CHECKOUT") or str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 import SimpleITK as sitk  # noqa: E402
@@ -76,23 +79,40 @@ def machine() -> dict[str, object]:
             "torch_threads": torch.get_num_threads()}
 
 
-def run_pipeline(root: Path, work: Path, cfg: PipelineConfig, config: Path, repeats: int) -> dict[str, object]:
+def time_steps(root: Path, config: Path) -> dict[str, tuple[float, float]]:
+    """(wall, CPU) seconds of fix, resize and preprocess over all volumes, as the user runs them (one worker)."""
+    common = dict(split="train", workers=1, pbar=False, overwrite=True)
+    times = {"fix": timed(lambda: fix_data.run(root, **common))}
+    generate_mask.run(root, masks_from=root / "totalseg_gt", **common)
+    times["resize"] = timed(lambda: resize.run(root, config=config, **common))
+    times["preprocess"] = timed(lambda: preprocess.run(root, config=config, **common))
+    return times
+
+
+def checkout_time_steps(checkout: Path, root: Path, copy: Path) -> dict[str, tuple[float, float]]:
+    """``time_steps`` of another checkout of this repository (e.g. the previous commit), on a copy of the raw
+    volumes, in a fresh process."""
+    if not copy.is_dir():
+        shutil.copytree(root, copy, ignore=shutil.ignore_patterns(*STAGES[1:], ".manifests"))
+    env = os.environ | {"FVLM_CHECKOUT": str(checkout.resolve())}
+    out = subprocess.run([sys.executable, __file__, "--time-steps", str(copy)], env=env, check=True,
+                         stdout=subprocess.PIPE, text=True)
+    return {step: tuple(t) for step, t in json.loads(out.stdout.splitlines()[-1]).items()}
+
+
+def run_pipeline(root: Path, work: Path, cfg: PipelineConfig, config: Path, repeats: int,
+                 checkout: Path | None) -> dict[str, object]:
     """Ours (the steps as the user runs them, one worker) against the release's file formats, same volumes, same run,
     ``repeats`` times in alternating order: seconds and bytes written per volume and stage, and what
-    ``preprocess --delete-intermediates`` keeps."""
-    common = dict(split="train", workers=1, pbar=False, overwrite=True)
-
-    def ours() -> dict[str, tuple[float, float]]:
-        times = {"fix": timed(lambda: fix_data.run(root, **common))}
-        generate_mask.run(root, masks_from=root / "totalseg_gt", **common)
-        times["resize"] = timed(lambda: resize.run(root, config=config, **common))
-        times["preprocess"] = timed(lambda: preprocess.run(root, config=config, **common))
-        return times
-
-    runs: dict[str, list] = {"ours": [], "release_format": []}
+    ``preprocess --delete-intermediates`` keeps; and against another checkout's steps if ``checkout``."""
+    contenders = {"ours": lambda: time_steps(root, config),
+                  "release_format": lambda: release_format_pipeline(root, work / "release_files", cfg)}
+    if checkout is not None:
+        contenders["checkout"] = lambda: checkout_time_steps(checkout, root, work / "checkout_root")
+    runs: dict[str, list] = {who: [] for who in contenders}
     for r in range(repeats):
-        for who in (("ours", "release_format") if r % 2 == 0 else ("release_format", "ours")):
-            runs[who].append(ours() if who == "ours" else release_format_pipeline(root, work / "release_files", cfg))
+        for who in (list(contenders) if r % 2 == 0 else list(contenders)[::-1]):
+            runs[who].append(contenders[who]())
     n = len(list_volumes(root, "train"))
     written = {stage: folder_bytes(root / stage) / n / 1e6 for stage in STAGES}
     preprocess.run(root, "train", workers=1, pbar=False, config=config, delete_intermediates_after=True)
@@ -106,11 +126,13 @@ def run_pipeline(root: Path, work: Path, cfg: PipelineConfig, config: Path, repe
         return steps | {"total_at_512x512x240": round(sum(t[k] for t in times.values()) / n * to_target, 3)}
     line: dict[str, object] = {"part": "pipeline", "volumes": n, "raw_shapes_dhw": shapes, "repeats": repeats}
     for who, results in runs.items():
-        times = [r if who == "ours" else r[0] for r in results]
+        times = [r[0] if who == "release_format" else r for r in results]
         line[f"{who}_seconds_per_volume"] = [per_volume(t, 0) for t in times]
         line[f"{who}_cpu_seconds_per_volume"] = [per_volume(t, 1) for t in times]
     totals = {who: [t["total_at_512x512x240"] for t in line[f"{who}_cpu_seconds_per_volume"]] for who in runs}
     line["median_cpu_s_at_512x512x240"] = {who: round(float(np.median(v)), 3) for who, v in totals.items()}
+    if checkout is not None:
+        line["checkout"] = str(checkout)
     line["speedup_vs_release_format_cpu_median"] = round(float(np.median(totals["release_format"])
                                                                / np.median(totals["ours"])), 2)
     return line | {
@@ -294,6 +316,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--n", type=int, default=2, help="realistic training patients to generate (1-2 volumes each)")
     parser.add_argument("--only", choices=PARTS, nargs="+", default=list(PARTS))
     parser.add_argument("--repeats", type=int, default=3, help="pipeline comparisons, in alternating order")
+    parser.add_argument("--checkout", type=Path, default=None,
+                        help="also time the data steps of this other checkout of fvlm (e.g. a git worktree of the "
+                             "previous commit) on the same volumes, in the same alternation")
+    parser.add_argument("--time-steps", type=Path, default=None, help=argparse.SUPPRESS)  # --checkout's child
     parser.add_argument("--items", type=int, default=60, help="__getitem__ calls timed per cache shape")
     parser.add_argument("--decodes", type=int, default=5, help="release-format decodes timed per cache shape")
     parser.add_argument("--shapes", type=lambda s: tuple(int(v) for v in s.split("x")), nargs="+",
@@ -307,6 +333,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--work-dir", type=Path, default=None,
                         help="keep the generated data here and reuse it on the next run (default: a temp dir)")
     args = parser.parse_args(argv)
+    if args.time_steps is not None:  # --checkout's child: this checkout's steps and its own default config
+        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)
+        config = Path(fix_data.__file__).resolve().parents[1] / "configs" / "pipeline.yaml"
+        print(json.dumps(time_steps(args.time_steps, config)))
+        return 0
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)
     cfg = load_pipeline_config(args.config)
     if tuple(args.shapes[0]) != tuple(cfg.min_size_dhw):
@@ -318,7 +349,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         work = Path(tmp) / "work"
         work.mkdir()
         if "pipeline" in args.only or not list_volumes(root, "train"):
-            print(json.dumps(run_pipeline(root, work, cfg, args.config, args.repeats) | machine()), flush=True)
+            print(json.dumps(run_pipeline(root, work, cfg, args.config, args.repeats, args.checkout) | machine()),
+                  flush=True)
         if "read" in args.only:
             for line in run_read(root, work, cfg, args):
                 print(json.dumps(line | machine()), flush=True)

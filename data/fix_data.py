@@ -235,7 +235,11 @@ def read_fixed(sources: Sequence[Path]) -> sitk.Image:
     if file_fingerprint([raw])[0] != record["raw"]:
         raise CaseError(f"{raw} is missing or changed since fix_data ran: rerun fix_data")
     image = read_sitk(raw)
-    hu = to_hu(sitk.GetArrayViewFromImage(image), float(record["slope"]), float(record["intercept"]))
+    stored = sitk.GetArrayViewFromImage(image)
+    if list(stored.shape) != record["shape_dhw"]:
+        raise CaseError(f"{raw} is not the volume fix_data recorded (shape {list(stored.shape)}, recorded "
+                        f"{record['shape_dhw']}): rerun fix_data")
+    hu = to_hu(stored, float(record["slope"]), float(record["intercept"]))
     fixed = sitk.GetImageFromArray(hu)
     fixed.SetSpacing(record["spacing_xyz"]), fixed.SetOrigin(record["origin_xyz"])
     fixed.SetDirection(record["direction"])

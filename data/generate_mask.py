@@ -36,7 +36,6 @@ from typing import Sequence
 if __package__ in (None, ""):  # run as `python generate_mask.py` from inside data/
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import nibabel as nib
 import numpy as np
 import SimpleITK as sitk
 

@@ -49,7 +49,7 @@ import csv
 import logging
 import math
 import sys
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields, replace
 from functools import partial
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -196,11 +196,9 @@ def fix_case(src: Path, record: Path, row: Mapping[str, str] | None) -> dict:
     image = read_sitk(src)
     stored = sitk.GetArrayViewFromImage(image)  # (D, H, W)
     version, evidence = ctrate_version(image, stored, geometry)
-    rescale = (geometry.slope, geometry.intercept) if version == 1 else (1.0, 0.0)
+    applied = geometry if version == 1 else replace(geometry, slope=1.0, intercept=0.0)
     write_json(record, {"raw": file_fingerprint([src])[0], "version": version, "evidence": evidence,
-                        "shape_dhw": list(stored.shape), "spacing_xyz": list(geometry.spacing_xyz),
-                        "origin_xyz": list(geometry.origin_xyz), "direction": list(geometry.direction),
-                        "slope": rescale[0], "intercept": rescale[1]})
+                        "shape_dhw": list(stored.shape), **asdict(applied)})
     return {"shape_dhw": stored.shape, "spacing_xyz": geometry.spacing_xyz, "version": version,
             "evidence": evidence}
 
@@ -229,7 +227,7 @@ def read_fixed(sources: Sequence[Path]) -> sitk.Image:
         return read_sitk(sources[0], "fixed volume")
     record_path, raw = sources
     record = read_json(record_path)
-    keys = ("raw", "shape_dhw", "spacing_xyz", "origin_xyz", "direction", "slope", "intercept")
+    keys = ("raw", "shape_dhw", *(f.name for f in fields(FixGeometry)))
     if not isinstance(record, dict) or any(k not in record for k in keys):
         raise CaseError(f"unreadable fix record {record_path}: rerun fix_data")
     if file_fingerprint([raw])[0] != record["raw"]:
@@ -239,10 +237,16 @@ def read_fixed(sources: Sequence[Path]) -> sitk.Image:
     if list(stored.shape) != record["shape_dhw"]:
         raise CaseError(f"{raw} is not the volume fix_data recorded (shape {list(stored.shape)}, recorded "
                         f"{record['shape_dhw']}): rerun fix_data")
-    hu = to_hu(stored, float(record["slope"]), float(record["intercept"]))
-    fixed = sitk.GetImageFromArray(hu)
-    fixed.SetSpacing(record["spacing_xyz"]), fixed.SetOrigin(record["origin_xyz"])
-    fixed.SetDirection(record["direction"])
+    return fixed_image(stored, FixGeometry(tuple(record["spacing_xyz"]), tuple(record["origin_xyz"]),
+                                           tuple(record["direction"]), float(record["slope"]),
+                                           float(record["intercept"])))
+
+
+def fixed_image(stored: np.ndarray, geometry: FixGeometry) -> sitk.Image:
+    """The fixed volume of ``stored`` values: int16 HU (``to_hu`` with the geometry's rescale), true geometry."""
+    fixed = sitk.GetImageFromArray(to_hu(stored, geometry.slope, geometry.intercept))
+    fixed.SetSpacing(geometry.spacing_xyz), fixed.SetOrigin(geometry.origin_xyz)
+    fixed.SetDirection(geometry.direction)
     return fixed
 
 

@@ -28,20 +28,28 @@ def boxes_path(mask_path: str | Path) -> Path:
     return mask_path.with_name(mask_path.name[: -len(".nii")] + ".boxes.json")
 
 
+def present_labels(mask: np.ndarray) -> np.ndarray:
+    """Sorted non-zero ids present in a uint8 mask (one pass, no sort)."""
+    seen = np.zeros(256, dtype=bool)
+    seen[np.asarray(mask, dtype=np.uint8).reshape(-1)] = True
+    return np.flatnonzero(seen[1:]) + 1
+
+
+def bounding_box(hit: np.ndarray) -> Box | None:
+    """Inclusive (D, H, W) index box of the true voxels of ``hit``; None when there is none."""
+    along_d = np.flatnonzero(hit.any(axis=(1, 2)))
+    if along_d.size == 0:
+        return None
+    plane = hit[along_d[0]: along_d[-1] + 1].any(axis=0)  # (H, W) over the slices that hold a voxel
+    along_h, along_w = np.flatnonzero(plane.any(axis=1)), np.flatnonzero(plane.any(axis=0))
+    return (int(along_d[0]), int(along_h[0]), int(along_w[0]),
+            int(along_d[-1]), int(along_h[-1]), int(along_w[-1]))
+
+
 def anatomy_boxes(mask_dhw: np.ndarray) -> dict[int, Box]:
     """Inclusive (D, H, W) index box of each non-zero id of a uint8 mask."""
     mask_dhw = np.asarray(mask_dhw, dtype=np.uint8)
-    seen = np.zeros(256, dtype=bool)
-    seen[mask_dhw.reshape(-1)] = True
-    boxes = {}
-    for k in np.flatnonzero(seen[1:]) + 1:
-        hit = mask_dhw == k
-        along_d = np.flatnonzero(hit.any(axis=(1, 2)))
-        plane = hit[along_d[0]: along_d[-1] + 1].any(axis=0)  # (H, W) over the slices that hold k
-        along_h, along_w = np.flatnonzero(plane.any(axis=1)), np.flatnonzero(plane.any(axis=0))
-        boxes[int(k)] = (int(along_d[0]), int(along_h[0]), int(along_w[0]),
-                         int(along_d[-1]), int(along_h[-1]), int(along_w[-1]))
-    return boxes
+    return {int(k): bounding_box(mask_dhw == k) for k in present_labels(mask_dhw)}
 
 
 def write_boxes(mask_dhw: np.ndarray, mask_path: str | Path) -> None:

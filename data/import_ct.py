@@ -47,8 +47,8 @@ import numpy as np
 import SimpleITK as sitk
 
 from data.io import IDENTITY_DIRECTION, keep_locale, write_volume
-from data.common import (CaseError, PipelineError, RunSummary, Task, nii_stem, run_cli, run_tasks, step_parser,
-                         volume_relpath)
+from data.common import (CaseError, PipelineError, RunSummary, Task, patient_id_of, run_cli, run_tasks,
+                         step_parser, volume_relpath)
 from data.fix_data import check_finite, read_sitk, to_hu
 
 NPZ_ARRAY_KEY = "ct"
@@ -73,8 +73,7 @@ def volume_name(split: str, volume_id: str) -> str:
 
 def volume_id(name: str) -> str:
     """Inverse of ``volume_name``: ``valid_trn00001_a_1.nii.gz`` -> ``trn00001``."""
-    patient = nii_stem(name).rsplit("_", 2)[0]  # {split}_{ID}
-    return patient.split("_", 1)[1]
+    return patient_id_of(name).split("_", 1)[1]  # {split}_{ID} -> {ID}
 
 
 def _source_id(path: Path) -> str:

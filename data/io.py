@@ -143,9 +143,9 @@ def file_fingerprint(paths: Sequence[Path]) -> list[list[int] | None]:
 
 
 def write_text(path: str | Path, text: str) -> None:
-    """Atomically write ``text``."""
+    """Atomically write ``text`` (UTF-8, whatever the locale)."""
     with atomic_output(path) as tmp:
-        tmp.write_text(text)
+        tmp.write_text(text, encoding="utf-8")
 
 
 def write_json(path: str | Path, obj: object) -> None:
@@ -182,8 +182,7 @@ def write_table(output: str | Path, csv_text: str, markdown: str) -> Path:
     output = Path(output)
     md = output.with_suffix(".md")
     for path, text in ((output, csv_text), (md, markdown)):
-        with atomic_output(path) as tmp:
-            tmp.write_text(text, encoding="utf-8")
+        write_text(path, text)
     return md
 
 
@@ -259,11 +258,9 @@ def count_non_finite(path: str | Path) -> int:
 def open_volume(path: str | Path) -> np.ndarray:
     """Memory-mapped ``(D, H, W)`` view of an uncompressed, unscaled NIfTI (no full decode)."""
     img = _load(path)
-    proxy = img.dataobj
     if str(path).endswith(".gz"):
         raise VolumeReadError(f"{path}: compressed NIfTI cannot be memory-mapped")
-    if proxy.slope != 1.0 or proxy.inter != 0.0:
-        raise VolumeReadError(f"{path}: scaled NIfTI (scl_slope={proxy.slope}, scl_inter={proxy.inter})")
+    proxy = _unscaled(img.dataobj, path)
     try:
         arr = proxy.get_unscaled()
     except (ValueError, OSError) as exc:  # truncated file: mmap larger than the file
@@ -271,14 +268,19 @@ def open_volume(path: str | Path) -> np.ndarray:
     return arr.T
 
 
+def _unscaled(proxy, path: str | Path):
+    """``proxy`` (a volume's array proxy); ``VolumeReadError`` when its header scales the stored values."""
+    if proxy.slope != 1.0 or proxy.inter != 0.0:
+        raise VolumeReadError(f"{path}: scaled NIfTI (scl_slope={proxy.slope}, scl_inter={proxy.inter})")
+    return proxy
+
+
 def read_volume(path: str | Path) -> np.ndarray:
     """``(D, H, W)`` array of an unscaled NIfTI: memory-mapped (``open_volume``), or decoded when it is gzipped."""
     if not str(path).endswith(".gz"):
         return open_volume(path)
     check_complete(path)
-    proxy = _load(path).dataobj
-    if proxy.slope != 1.0 or proxy.inter != 0.0:
-        raise VolumeReadError(f"{path}: scaled NIfTI (scl_slope={proxy.slope}, scl_inter={proxy.inter})")
+    proxy = _unscaled(_load(path).dataobj, path)
     try:
         return np.asarray(proxy.get_unscaled()).T
     except (ValueError, OSError, EOFError, zlib.error) as exc:

@@ -35,7 +35,7 @@ if __package__ in (None, ""):  # run as `python preprocess.py` from inside data/
 
 import numpy as np
 
-from data.anatomy_boxes import boxes_path, write_boxes
+from data.anatomy_boxes import bounding_box, boxes_path, present_labels, write_boxes
 from data.common import (NIFTI_GZ, CaseError, PipelineConfig, RunSummary, Task, list_inputs, load_pipeline_config,
                          nii_stem, run_cli, run_tasks, select_shard, step_parser, volume_relpath)
 from data.io import VolumeReadError, open_volume, read_geometry, read_volume, write_volume
@@ -59,26 +59,15 @@ class CropPad:
         return tuple(s - b for s, b in zip(self.start, self.before))
 
 
-def present_labels(mask: np.ndarray) -> np.ndarray:
-    """Sorted non-zero ids present in a uint8 mask (one pass, no sort)."""
-    seen = np.zeros(256, dtype=bool)
-    seen[np.asarray(mask, dtype=np.uint8).reshape(-1)] = True
-    return np.flatnonzero(seen[1:]) + 1
-
-
 def crop_pad_window(mask_dhw: np.ndarray, cfg: PipelineConfig) -> CropPad:
     """Window of spec §2.4 for this mask; ``CaseError('no anatomy found')`` when it is empty."""
-    nonzero = mask_dhw != 0
-    along_d = np.flatnonzero(nonzero.any(axis=(1, 2)))
-    if along_d.size == 0:
+    box = bounding_box(mask_dhw != 0)
+    if box is None:
         raise CaseError("no anatomy found")
-    plane = nonzero[along_d[0]: along_d[-1] + 1].any(axis=0)
-    along_h, along_w = np.flatnonzero(plane.any(axis=1)), np.flatnonzero(plane.any(axis=0))
     start, stop, before, after = [], [], [], []
-    for first, last, margin, size, minimum in zip(
-            (along_d[0], along_h[0], along_w[0]), (along_d[-1], along_h[-1], along_w[-1]),
-            cfg.crop_margin_dhw, mask_dhw.shape, cfg.min_size_dhw):
-        lo, hi = max(int(first) - margin, 0), min(int(last) + margin, size)  # exclusive end, as the release
+    for first, last, margin, size, minimum in zip(box[:3], box[3:], cfg.crop_margin_dhw, mask_dhw.shape,
+                                                  cfg.min_size_dhw):
+        lo, hi = max(first - margin, 0), min(last + margin, size)  # exclusive end, as the release
         need = max(minimum - (hi - lo), 0)
         start.append(lo), stop.append(hi), before.append(need // 2), after.append(need - need // 2)
     return CropPad(tuple(start), tuple(stop), tuple(before), tuple(after))
@@ -154,7 +143,7 @@ def delete_intermediates(root: Path, split: str, names: Sequence[str]) -> int:
     """
     deleted = 0
     for name in names:
-        rel = volume_relpath(name).with_name(nii_stem(name) + ".nii")
+        rel = volume_relpath(name)
         doomed = [p for p in resized_paths(root, split, name) if p.is_file()]
         cache_image, cache_mask = root / f"processed_{split}_images" / rel, root / f"processed_{split}_masks" / rel
         record = boxes_path(cache_mask)
@@ -184,8 +173,8 @@ def run(data_root: str | Path, split: str, *, overwrite: bool = False, workers: 
     summary = run_tasks("preprocess", split, root, tasks, overwrite=overwrite, workers=workers, shard=shard,
                         pbar=pbar)
     if delete_intermediates_after:
-        listed = {nii_stem(name) + NIFTI_GZ for name in
-                  [t.name for t in tasks] + list_inputs(root / f"resized_{split}_masks", NIFTI_GZ)}
+        listed = {t.name for t in tasks} | {nii_stem(name) + ".nii"
+                                            for name in list_inputs(root / f"resized_{split}_masks", NIFTI_GZ)}
         deleted = delete_intermediates(root, split, select_shard(sorted(listed), shard))
         logger.info("preprocess %s: deleted the intermediates of %d cached cases", split, deleted)
     return summary

@@ -92,7 +92,7 @@ def resample_case(image: sitk.Image, labels: sitk.Image, target_spacing_xyz: Seq
     """
     size_xyz = target_size(image.GetSize(), image.GetSpacing(), target_spacing_xyz)
     size_dhw = size_xyz[::-1]
-    hu = torch.from_numpy(sitk.GetArrayFromImage(image).astype(np.float32, copy=False))
+    hu = torch.from_numpy(sitk.GetArrayViewFromImage(image).astype(np.float32))
     hu = F.interpolate(hu[None, None], size=size_dhw, mode="trilinear", align_corners=False)[0, 0].numpy()
     np.clip(np.rint(hu, out=hu), -32768, 32767, out=hu)  # predict.py may pass HU that is not int16
     ids = torch.from_numpy(sitk.GetArrayFromImage(labels).astype(np.uint8, copy=False))
@@ -123,7 +123,7 @@ def resize_case(fixed: tuple[Path, ...], mask_src: Path, image_dst: Path, mask_d
 
 def resized_paths(data_root: Path, split: str, name: str) -> tuple[Path, Path]:
     """(image, mask) this step writes for ``name``: ``resized_{split}_images/.../{stem}.nii`` (int16, stored for
-    preprocess's memory map) and ``resized_{split}_masks/.../{stem}.nii.gz`` (uint8, gzip level 1: ~1/50 of its
+    preprocess's memory map) and ``resized_{split}_masks/.../{stem}.nii.gz`` (uint8, gzip level 1: ~1/70 of its
     size for a few ms)."""
     rel = volume_relpath(name)
     stem = nii_stem(name)

@@ -34,9 +34,10 @@ import numpy as np
 import SimpleITK as sitk
 
 from data.io import atomic_output, keep_locale, write_text, write_volume
-from data.common import nii_stem, volume_relpath
+from data.common import scan_id_of, volume_relpath
 from data.import_ct import volume_name
-from data.synthetic import SIMULATED, Stream, load_anatomies, rngs, scan_phantom, scan_texts, truth_volume
+from data.synthetic import (Stream, load_anatomies, plan_abnormalities, rngs, scan_phantom, scan_texts,
+                            truth_volume)
 
 logger = logging.getLogger(__name__)
 
@@ -55,17 +56,6 @@ LABEL_COLUMNS: dict[str, str | None] = {
 
 def external_id(i: int) -> str:
     return f"tst{i:05d}"
-
-
-def plan_abnormalities(seed: int, n: int) -> list[list[str]]:
-    """Each simulated abnormality in round(prevalence * n) of the n scans (both classes occur)."""
-    plan = np.random.default_rng([seed, 99, SPLIT_ID])
-    out: list[list[str]] = [[] for _ in range(n)]
-    for abn, (_, prevalence) in SIMULATED.items():
-        k = int(np.clip(round(prevalence * n), 1, max(n - 1, 1)))
-        for i in sorted(plan.choice(n, size=k, replace=False)):
-            out[int(i)].append(abn)
-    return out
 
 
 def write_npz(path: Path, hu: np.ndarray, spacing_xyz, origin_xyz) -> None:
@@ -120,7 +110,7 @@ def generate_external(out_dir: str | Path, *, n: int = 12, seed: int = 0, split:
                "dicom": lambda i, *a: write_dicom_series(out / "volumes" / i, *a),
                "nifti_ras": lambda i, *a: write_nifti_ras(out / "volumes" / f"{i}.nii.gz", *a)}
     formats, labels, desc_info, conc_info = {}, [], {}, {}
-    for k, abnormalities in enumerate(plan_abnormalities(seed, n)):
+    for k, abnormalities in enumerate(plan_abnormalities(np.random.default_rng([seed, 99, SPLIT_ID]), n)):
         vid, fmt = external_id(k + 1), FORMATS[k % len(FORMATS)]
         entry = {"split_id": SPLIT_ID, "patient_no": k + 1, "scan_idx": 0, "recon": 1,
                  "abnormalities": abnormalities}
@@ -130,7 +120,7 @@ def generate_external(out_dir: str | Path, *, n: int = 12, seed: int = 0, split:
         write_volume(out / "masks" / split / volume_relpath(name), lab, grid.spacing_xyz, grid.origin_xyz)
         p = scan_phantom(seed, SPLIT_ID, k + 1, 0, abnormalities)
         text = scan_texts(p, rngs(seed, Stream.TEXT, SPLIT_ID, k + 1, 0), anatomies)
-        scan = nii_stem(name).rsplit("_", 1)[0]
+        scan = scan_id_of(name)
         desc_info[scan], conc_info[scan] = text.desc, text.conc
         labels.append({ID_COLUMN: vid} | {c: int(a in abnormalities) for a, c in LABEL_COLUMNS.items() if c})
         formats[vid] = fmt

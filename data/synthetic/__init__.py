@@ -32,13 +32,14 @@ from data.synthetic.reports import (ABSENT_DESC, CONC, DESC, LABEL_COLUMNS, LOBE
                                     SIMULATED, ScanText, load_anatomies, scan_texts)
 from data.synthetic.scanner import RESCALES, Acquisition, recon_grid, truth_volume
 from data.synthetic.vocab import DEMO_BERT_DIR, ZEROSHOT_ITEMS, build_demo_vocab, write_demo_bert
-from data.synthetic.writer import METADATA_COLUMNS, MANIFEST, generate_dataset, load_truth
+from data.synthetic.writer import METADATA_COLUMNS, MANIFEST, generate_dataset, load_truth, plan_abnormalities
 
 __all__ = [
     "ABSENT_DESC", "CONC", "DEMO_BERT_DIR", "DESC", "LABEL_COLUMNS", "LOBES", "LUNG_LOBES", "MANIFEST",
     "METADATA_COLUMNS", "NORMAL_DESC", "REPORT_COLUMNS", "RESCALES", "SIMULATED", "ZEROSHOT_ITEMS",
     "Acquisition", "Grid", "Lesions", "Patient", "Phantom", "ScanText", "Stream",
     "build_demo_vocab", "generate_dataset", "get_args_parser", "load_anatomies", "load_truth", "main",
+    "plan_abnormalities",
     "recon_grid", "render", "rngs", "scan_phantom", "scan_texts", "total_ids_by_name", "truth_volume",
     "write_demo_bert",
 ]

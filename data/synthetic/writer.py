@@ -121,12 +121,19 @@ def split_layout(seed: int, split: str, split_id: int, n_scans: int) -> list[dic
             scans.append({"split": split, "split_id": split_id, "patient": f"{split}_{patient_no}",
                           "patient_no": patient_no, "scan": scan, "scan_idx": s,
                           "n_recons": 2 if rng.random() < 0.35 else 1, "abnormalities": []})
-    plan = rngs(seed, Stream.PLAN, split_id)
-    for abn, (_, prevalence) in SIMULATED.items():
-        k = int(np.clip(round(prevalence * n_scans), 1, max(n_scans - 1, 1)))
-        for i in sorted(plan.choice(n_scans, size=k, replace=False)):
-            scans[int(i)]["abnormalities"].append(abn)
+    for scan, abnormalities in zip(scans, plan_abnormalities(rngs(seed, Stream.PLAN, split_id), n_scans)):
+        scan["abnormalities"].extend(abnormalities)
     return scans
+
+
+def plan_abnormalities(plan: np.random.Generator, n: int) -> list[list[str]]:
+    """Each simulated abnormality in round(prevalence * n) of n scans (at least one scan with it and one without)."""
+    out: list[list[str]] = [[] for _ in range(n)]
+    for abn, (_, prevalence) in SIMULATED.items():
+        k = int(np.clip(round(prevalence * n), 1, max(n - 1, 1)))
+        for i in sorted(plan.choice(n, size=k, replace=False)):
+            out[int(i)].append(abn)
+    return out
 
 
 def generate_dataset(out_dir: str | Path, *, n_train: int = 24, n_valid: int = 12, seed: int = 0,

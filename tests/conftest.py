@@ -17,6 +17,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import yaml  # noqa: E402
 
+from data.common import nii_stem, volume_relpath  # noqa: E402
 from data.io import write_volume  # noqa: E402
 
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
@@ -47,8 +48,7 @@ def make_tiny_bert(path: Path, words=REPORT_WORDS, *, hidden: int = 32, layers: 
 def write_cache_case(root: Path, split: str, name: str, image, mask, spacing=(4.0, 4.0, 8.0)) -> None:
     """One processed volume ``name`` (``train_1_a_2.nii.gz``) and its mask in the cache layout
     ``processed_{split}_{images,masks}/train_1/train_1_a/train_1_a_2.nii``."""
-    stem = name[: -len(".nii.gz")]
-    rel = Path(stem.rsplit("_", 2)[0], stem.rsplit("_", 1)[0], stem + ".nii")
+    rel = volume_relpath(nii_stem(name) + ".nii")
     write_volume(root / f"processed_{split}_images" / rel, image, spacing)
     write_volume(root / f"processed_{split}_masks" / rel, mask, spacing)
 

@@ -11,7 +11,7 @@ import SimpleITK as sitk
 import yaml
 
 from data import import_ct
-from data.common import PipelineError
+from data.common import PipelineError, volume_relpath
 from data.labels_map import LabelsMapError, map_external_labels
 from data.synthetic_external import write_dicom_series, write_nifti_ras, write_npz
 from tests.test_eval import eval_setup  # noqa: F401  (tiny preset, random checkpoint, fake cache of 3 volumes)
@@ -117,7 +117,7 @@ def test_importer_bad_inputs_are_failed_cases_or_exit_2(tmp_path, caplog):
     failures = pd.read_csv(root / "import_valid_failures.csv").set_index("volume")["reason"]
     for name, file in (("valid_nannpz_a_1.nii.gz", "nannpz.npz"), ("valid_naninii_a_1.nii.gz", "naninii.nii.gz")):
         assert failures[name] == f"3 non-finite voxels (NaN or inf) in {file}: replace or drop the volume"
-        assert not (root / "valid_fixed" / name.rsplit("_", 2)[0] / name.rsplit("_", 1)[0] / name).exists()
+        assert not (root / "valid_fixed" / volume_relpath(name)).exists()
     assert import_ct.main(["--input", str(tmp_path / "nowhere"), "--data-root", str(root), "--split", "valid"]) == 2
 
 

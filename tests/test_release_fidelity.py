@@ -20,6 +20,7 @@ from data import preprocess, resize
 from data.io import image_to_mask_path, list_volumes, open_volume, read_volume, scale_hu, write_volume
 from data.common import PipelineConfig, load_pipeline_config, volume_relpath
 from data.synthetic import Grid, render, scan_phantom
+from tests.test_data_pipeline import run_pipeline
 
 
 def sitk_volume(array: np.ndarray, spacing_xyz, origin_xyz=(0.0, 0.0, 0.0)) -> sitk.Image:
@@ -243,14 +244,6 @@ def test_a_volume_that_is_neither_v1_nor_v2_is_a_failed_case():
         ctrate_version(sitk.GetImageFromArray(flat), flat, geometry)
 
 
-def run_four_steps(root: Path) -> list[int]:
-    from data import fix_data, generate_mask
-
-    common = ["--data-root", str(root), "--split", "train", "--no-pbar"]
-    return [fix_data.main(common), generate_mask.main(common + ["--masks-from", str(root / "totalseg_gt")]),
-            resize.main(common), preprocess.main(common)]
-
-
 @pytest.fixture(scope="module")
 def v1_v2_roots(tmp_path_factory) -> tuple[Path, Path]:
     from data.synthetic import generate_dataset
@@ -269,8 +262,8 @@ def test_v1_and_v2_downloads_give_identical_caches(v1_v2_roots, caplog):
     metadata = "metadata/train_metadata.csv"
     assert (v1 / metadata).read_bytes() == (v2 / metadata).read_bytes()
     caplog.set_level("INFO")
-    assert run_four_steps(v1) == [0, 0, 0, 0]
-    assert run_four_steps(v2) == [0, 0, 0, 0]
+    assert run_pipeline(v1) == [0, 0, 0, 0]
+    assert run_pipeline(v2) == [0, 0, 0, 0]
     assert "fix train: nothing to fix" in caplog.text
     caches = list_volumes(v1, "train")
     assert len(caches) >= 5

@@ -43,6 +43,7 @@ for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "ITK_
 # --checkout runs this file again with another checkout's data steps (FVLM_CHECKOUT) first on the path
 sys.path.insert(0, os.environ.get("FVLM_CHECKOUT") or str(Path(__file__).resolve().parents[1]))
 
+import nibabel as nib  # noqa: E402
 import numpy as np  # noqa: E402
 import SimpleITK as sitk  # noqa: E402
 import torch  # noqa: E402
@@ -118,7 +119,7 @@ def run_pipeline(root: Path, work: Path, cfg: PipelineConfig, config: Path, repe
     preprocess.run(root, "train", workers=1, pbar=False, config=config, delete_intermediates_after=True)
     kept = {stage: folder_bytes(root / stage) / n / 1e6 for stage in STAGES}
     release_mb = runs["release_format"][0][1]
-    shapes = [sitk.ReadImage(str(p)).GetSize()[::-1] for p in sorted((root / "train").glob("*/*/*.nii.gz"))]
+    shapes = [nib.load(p).shape[::-1] for p in sorted((root / "train").glob("*/*/*.nii.gz"))]  # headers only
     to_target = 512 * 512 * 240 / float(np.mean([np.prod(s) for s in shapes]))  # linear in voxels
 
     def per_volume(times: dict[str, tuple[float, float]], k: int) -> dict[str, float]:
@@ -163,12 +164,8 @@ def release_format_pipeline(root: Path, out: Path, cfg: PipelineConfig
 
         def fix() -> None:
             image = sitk.ReadImage(str(raw))
-            geometry = fix_data.fix_geometry(metadata[raw.name])
-            fixed = sitk.GetImageFromArray(fix_data.to_hu(sitk.GetArrayViewFromImage(image), geometry.slope,
-                                                          geometry.intercept))
-            fixed.SetSpacing(geometry.spacing_xyz), fixed.SetOrigin(geometry.origin_xyz)
-            fixed.SetDirection(geometry.direction)
-            write(fixed, "fixed.nii.gz")
+            write(fix_data.fixed_image(sitk.GetArrayViewFromImage(image), fix_data.fix_geometry(metadata[raw.name])),
+                  "fixed.nii.gz")
 
         def resize_() -> None:
             image, labels = sitk.ReadImage(str(folder / "fixed.nii.gz")), sitk.ReadImage(str(labels_path))
@@ -333,12 +330,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--work-dir", type=Path, default=None,
                         help="keep the generated data here and reuse it on the next run (default: a temp dir)")
     args = parser.parse_args(argv)
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)
     if args.time_steps is not None:  # --checkout's child: this checkout's steps and its own default config
-        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)
         config = Path(fix_data.__file__).resolve().parents[1] / "configs" / "pipeline.yaml"
         print(json.dumps(time_steps(args.time_steps, config)))
         return 0
-    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)
     cfg = load_pipeline_config(args.config)
     if tuple(args.shapes[0]) != tuple(cfg.min_size_dhw):
         parser.error(f"the first --shapes must be the crop {cfg.min_size_dhw}")

@@ -27,6 +27,8 @@ CXR-BERT's WordPiece gives a few more), loaded as the preset says (frozen or tra
 from __future__ import annotations
 
 import argparse
+import atexit
+import functools
 import json
 import platform
 import resource
@@ -52,7 +54,6 @@ from models.loss import AnatomyContrastiveLoss  # noqa: E402
 from utils.preset import load_preset  # noqa: E402
 
 ANATOMIES = ["lung", "heart", "esophagus", "aorta"]
-HU_WINDOW = (-1150, 350)
 # dense peak TFLOP/s by device name (SXM parts, no sparsity): bf16 tensor cores, fp32 without TF32
 PEAK_TFLOPS = {"H100": {"bf16": 989.0, "none": 67.0}, "H200": {"bf16": 989.0, "none": 67.0},
                "A100": {"bf16": 312.0, "none": 19.5}}
@@ -75,24 +76,31 @@ def _texts(batch: int) -> list[list[str]]:
     return out
 
 
-def _random_bert_dir(tmp: Path, init_dir: Path | None) -> Path:
-    """Random BERT weights + vocabulary in ``tmp``: ``init_dir``'s config and vocabulary, or (None)
-    a CXR-BERT-size config with a word-level vocab covering the bench texts."""
+@functools.cache
+def _random_bert_dir(preset: str) -> Path:
+    """Random BERT weights + vocabulary, made once per preset (a CXR-BERT-size model writes ~440 MB): the
+    config and vocabulary of the preset's ``text_pretrain.init``, or without one (the paper's preset) a
+    CXR-BERT-size config with a word-level vocab covering the bench texts."""
     from transformers import BertConfig, BertModel
-    if init_dir is None:
+    tmp = Path(tempfile.mkdtemp(prefix="bench_bert_"))
+    atexit.register(shutil.rmtree, tmp, ignore_errors=True)
+    settings = load_preset(REPO_ROOT / "configs" / preset).text_pretrain
+    torch.manual_seed(0)
+    if settings is None:
         vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ".", *ANATOMIES, *sorted(set(SENTENCE)),
                  *[str(i) for i in range(64)]]
         (tmp / "vocab.txt").write_text("\n".join(vocab) + "\n")
         config = BertConfig(vocab_size=30522, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
                             intermediate_size=3072, max_position_embeddings=512)
     else:
+        init_dir = REPO_ROOT / settings.init
         shutil.copytree(init_dir, tmp, dirs_exist_ok=True)  # vocabulary and tokenizer settings
         config = BertConfig.from_json_file(init_dir / "config.json")
     BertModel(config, add_pooling_layer=False).save_pretrained(tmp)
     return tmp
 
 
-def _batch(batch: int, crop: tuple[int, int, int], device: torch.device) -> dict:
+def _batch(batch: int, crop: tuple[int, int, int], hu_window: tuple[float, float], device: torch.device) -> dict:
     g = torch.Generator().manual_seed(0)
     d, h, w = crop
     mask = torch.zeros(batch, d, h, w, dtype=torch.uint8)
@@ -102,29 +110,27 @@ def _batch(batch: int, crop: tuple[int, int, int], device: torch.device) -> dict
     mask[:, d // 4: 3 * d // 4, 13 * h // 16: 7 * h // 8, w // 2: 9 * w // 16] = 3
     mask[:, d // 4: 3 * d // 4, 13 * h // 16: 7 * h // 8, 5 * w // 8: 3 * w // 4] = 4
     texts = _texts(batch)
-    hu = torch.randint(-1150, 351, (batch, 1, d, h, w), generator=g, dtype=torch.int16)
+    hu = torch.randint(int(hu_window[0]), int(hu_window[1]) + 1, (batch, 1, d, h, w), generator=g, dtype=torch.int16)
     return {"hu": hu.to(device), "mask": mask.to(device), "flip": torch.rand(batch, 3, generator=g) < 0.2,
             "texts": texts, "text_hash": torch.tensor([[text_hash(t) for t in row] for row in texts]),
             "abnormal": torch.rand(batch, 4, generator=g) < 0.5,
             "usable": torch.ones(batch, 4, dtype=torch.bool)}
 
 
-def bench(preset: str, batch: int, *, amp: str, steps: int, device: torch.device, paper_bert: bool,
+def bench(preset: str, batch: int, *, amp: str, steps: int, device: torch.device,
           grad_checkpointing: bool = False, detail: bool = False) -> dict:
     """One setting; ``detail`` adds the text tower's share of the step, model FLOPs and MFU."""
-    path = REPO_ROOT / "configs" / preset
-    with tempfile.TemporaryDirectory() as tmp:
-        torch.manual_seed(0)
-        init_dir = None if paper_bert else REPO_ROOT / load_preset(path).text_pretrain.init
-        cfg = load_preset(path, flags={"paths.text_encoder": str(_random_bert_dir(Path(tmp), init_dir)),
-                                       "paths.mae_weights": None, "model.grad_checkpointing": grad_checkpointing})
-        model, tokenizer = build_model(cfg.model, img_size=cfg.data.crop_size, n_anatomies=len(ANATOMIES),
-                                       text_encoder_dir=cfg.paths.text_encoder)
+    cfg = load_preset(REPO_ROOT / "configs" / preset,
+                      flags={"paths.text_encoder": str(_random_bert_dir(preset)), "paths.mae_weights": None,
+                             "model.grad_checkpointing": grad_checkpointing})
+    torch.manual_seed(0)
+    model, tokenizer = build_model(cfg.model, img_size=cfg.data.crop_size, n_anatomies=len(ANATOMIES),
+                                   text_encoder_dir=cfg.paths.text_encoder)
     model.to(device)
     step_module = TrainStep(model, AnatomyContrastiveLoss(anatomy_names=ANATOMIES), tokenizer,
                             cfg.model.text_max_length)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
-    data = _batch(batch, cfg.data.crop_size, device)
+    data = _batch(batch, cfg.data.crop_size, cfg.pipeline.hu_window, device)
     ctx = torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp == "bf16")
     step_module.train()
     if device.type == "cuda":
@@ -132,7 +138,7 @@ def bench(preset: str, batch: int, *, amp: str, steps: int, device: torch.device
     last: dict = {}
 
     def train_step() -> None:
-        image, mask = model_inputs(data["hu"], data["mask"], data["flip"], HU_WINDOW)  # as engine does
+        image, mask = model_inputs(data["hu"], data["mask"], data["flip"], cfg.pipeline.hu_window)  # as engine does
         with ctx:
             out = step_module(image, mask, data["texts"], data["text_hash"], data["abnormal"],
                               data["usable"])
@@ -190,8 +196,8 @@ def _timed(fn, steps: int, device: torch.device) -> list[float]:
     return times
 
 
-def _subprocess(preset: str, batch: int, steps: int, paper_bert: bool) -> None:
-    cmd = [sys.executable, __file__, "--_one", preset, str(batch), str(steps), str(int(paper_bert))]
+def _subprocess(preset: str, batch: int, steps: int) -> None:
+    cmd = [sys.executable, __file__, "--_one", preset, str(batch), str(steps)]
     r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode:
         print(json.dumps({"preset": preset, "batch": batch, "error": r.stderr.strip().splitlines()[-1:]}))
@@ -202,7 +208,7 @@ def _subprocess(preset: str, batch: int, steps: int, paper_bert: bool) -> None:
 def _largest_batch(device: torch.device, amp: str, start: int, preset: str) -> int:
     def fits(b: int) -> bool:
         try:
-            bench(preset, b, amp=amp, steps=1, device=device, paper_bert=preset == "ctrate.yaml")
+            bench(preset, b, amp=amp, steps=1, device=device)
             return True
         except torch.OutOfMemoryError:
             return False
@@ -227,27 +233,25 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=14, help="gpu report: batch per step (the paper's 14 per GPU)")
     p.add_argument("--no-largest-batch", dest="largest_batch", action="store_false",
                    help="gpu report: skip the search for the largest batch that fits")
-    p.add_argument("--_one", nargs=4, help=argparse.SUPPRESS)
+    p.add_argument("--_one", nargs=3, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     cpu = torch.device("cpu")
     if args._one:
-        preset, batch, steps, paper_bert = args._one
-        print(json.dumps(bench(preset, int(batch), amp="none", steps=int(steps), device=cpu,
-                               paper_bert=bool(int(paper_bert)))), flush=True)
+        preset, batch, steps = args._one
+        print(json.dumps(bench(preset, int(batch), amp="none", steps=int(steps), device=cpu)), flush=True)
         return 0
     only = args.only or (["gpu"] if torch.cuda.is_available() else ["demo", "paper"])
     if "demo" in only:
         _subprocess("demo.yaml", load_preset(REPO_ROOT / "configs" / "demo.yaml").optim.batch_size,
-                    args.steps, False)
+                    args.steps)
     if "paper" in only:
         for b in args.batch_sizes:
-            _subprocess("ctrate.yaml", b, min(args.steps, 2), True)
+            _subprocess("ctrate.yaml", b, min(args.steps, 2))
     if "gpu" in only:
         gpu = torch.device(args.device)
-        paper_bert = args.preset == "ctrate.yaml"
         for amp in ("none", "bf16"):
-            print(json.dumps(bench(args.preset, args.batch, amp=amp, steps=args.steps, device=gpu,
-                                   paper_bert=paper_bert, detail=True)), flush=True)
+            print(json.dumps(bench(args.preset, args.batch, amp=amp, steps=args.steps, device=gpu, detail=True)),
+                  flush=True)
             if gpu.type == "cuda":
                 torch.cuda.empty_cache()
         for amp in ("none", "bf16") if args.largest_batch else ():

@@ -27,6 +27,7 @@ from utils.embeddings import (
     EmbeddingsFileError,
     compute_image_embeddings,
     partial_path,
+    read_name_list,
     setup_features,
     volume_name,
 )
@@ -48,9 +49,7 @@ def run(args: argparse.Namespace) -> int:
     s = setup_features(args)
     volumes = s.volumes
     if args.volumes is not None:
-        if not args.volumes.is_file():
-            raise ZeroShotSetupError(f"volume list not found: {args.volumes} (set --volumes)")
-        wanted = {line.strip() for line in args.volumes.read_text().splitlines() if line.strip()}
+        wanted = read_name_list(args.volumes, "--volumes")
         volumes = [v for v in volumes if volume_name(v) in wanted]
         missing = sorted(wanted - {volume_name(v) for v in volumes})
         if missing:

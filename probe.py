@@ -24,7 +24,8 @@ import pandas as pd
 
 from data.common import patient_id_of
 from data.labels_map import LabelsMapError, load_labels_map, read_dataset_labels
-from utils.embeddings import FEATURE_KINDS, EmbeddingsFileError, ImageEmbeddings
+from utils.config import ConfigError
+from utils.embeddings import FEATURE_KINDS, EmbeddingsFileError, ImageEmbeddings, read_name_list
 from data.io import write_table
 from utils.metrics import (LABEL_KEY, MetricsInputError, ScoringTable, compute_metrics_logged, format_report,
                            read_labels)
@@ -70,7 +71,7 @@ def run(args: argparse.Namespace) -> pd.DataFrame:
     columns, probs, truth = [], [], []
     train = None
     if args.train_list is not None:
-        listed = {line.strip() for line in args.train_list.read_text().splitlines() if line.strip()}
+        listed = read_name_list(args.train_list, "--train-list")
         train = np.array([n in listed for n in emb.names])
         if train.all() or not train.any():
             raise MetricsInputError(f"{args.train_list}: must list some but not all of the {len(emb.names)} volumes")
@@ -119,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         run(args)
-    except (MetricsInputError, LabelsMapError, EmbeddingsFileError, ZeroShotSetupError, ProbeError) as e:
+    except (MetricsInputError, LabelsMapError, EmbeddingsFileError, ZeroShotSetupError, ProbeError, ConfigError) as e:
         print(f"probe: error: {e}", file=sys.stderr)
         return 2
     return 0

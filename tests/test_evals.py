@@ -344,6 +344,18 @@ def test_external_set_end_to_end_through_the_pipeline_and_every_evaluation(eval_
     assert probe.main(["--embeddings", str(emb), "--labels", str(ext / "labels.csv"), "--labels-map",
                        str(labels_map), "--train-list", str(train), "--output", str(out)]) == 0
     assert pd.read_csv(out)["n"].tolist() == [2] * 10  # fitted on 4, the other 2 scored
+    # bad input: one line naming the file, exit 2
+    capsys.readouterr()
+    probe_args = ["--embeddings", str(emb), "--labels", str(ext / "labels.csv"), "--labels-map", str(labels_map)]
+    assert probe.main(probe_args + ["--items", str(tmp_path / "no_items.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("probe: error: ") and "no_items.yaml" in err and err.count("\n") == 1
+    assert probe.main(probe_args + ["--train-list", str(tmp_path / "no_list.txt")]) == 2
+    assert capsys.readouterr().err == f"probe: error: volume list not found: {tmp_path / 'no_list.txt'} (set --train-list)\n"
+    # a finished embeddings file is reused as it is, not rewritten
+    before = emb.stat().st_mtime_ns
+    assert embed.main(model + ["--output", str(emb)]) == 0
+    assert emb.stat().st_mtime_ns == before
 
 
 def _reports_csv(ext: Path, tmp: Path) -> Path:

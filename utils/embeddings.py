@@ -30,7 +30,8 @@ from data.common import scan_id_of
 from data.io import VolumeReadError, atomic_output, scale_hu
 from data.texts import compose_anatomy_text, text_for_encoding
 from utils.preset import Preset
-from zeroshot import ZeroShotScorer, load_eval_model, read_case, resolve_eval_inputs, volume_name
+from zeroshot import (ZeroShotScorer, ZeroShotSetupError, load_eval_model, read_case, resolve_eval_inputs,
+                      volume_name)
 
 logger = logging.getLogger(__name__)
 
@@ -102,6 +103,13 @@ class AnatomyFeatureExtractor:
         return projected, pooled, ~np.isnan(projected[:, 0])
 
 
+def read_name_list(path: Path, flag: str) -> set[str]:
+    """The VolumeNames listed one per line in ``path`` (a ``flag`` file); ``ZeroShotSetupError`` when it is missing."""
+    if not path.is_file():
+        raise ZeroShotSetupError(f"volume list not found: {path} (set {flag})")
+    return {line.strip() for line in path.read_text().splitlines() if line.strip()}
+
+
 def partial_path(path: Path) -> Path:
     return path.with_name(f".partial-{path.name}")
 
@@ -113,14 +121,18 @@ def compute_image_embeddings(extract: AnatomyFeatureExtractor, volumes: Sequence
     out_path = Path(out_path)
     wanted = [volume_name(v) for v in volumes]
     done: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+    finished = None  # out_path, when it is from this source
     for previous in (out_path, partial_path(out_path)):
         if previous.is_file():
             old = ImageEmbeddings.load(previous)
             if old.source != source or old.anatomies != extract.anatomies:
                 logger.warning("%s is from %s, not %s: recomputing", previous, old.source, source)
                 continue
+            finished = old if previous == out_path else finished
             done.update({n: (old.projected[i], old.pooled[i], old.present[i]) for i, n in enumerate(old.names)})
     todo = [(v, n) for v, n in zip(volumes, wanted) if n not in done]
+    if finished is not None and list(finished.names) == wanted and not partial_path(out_path).is_file():
+        return finished, []  # nothing to add: the file stays as it is
     if len(done):
         logger.info("%s: %d volume(s) already embedded, %d to go", out_path, len(wanted) - len(todo), len(todo))
 

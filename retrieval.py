@@ -32,7 +32,7 @@ import torch
 
 from data.io import atomic_output, write_table
 from data.texts import load_report_json
-from data.common import PipelineError, scan_id_of
+from data.common import REPORT_FILES, PipelineError, scan_id_of
 from utils.config import ConfigError
 from utils.embeddings import (
     EmbeddingsFileError,
@@ -45,8 +45,6 @@ from utils.retrieval import anatomy_similarity, evaluate_both_directions, format
 from zeroshot import ZeroShotSetupError, checkpoint_args_parser
 
 logger = logging.getLogger("retrieval")
-REPORTS_RELPATH = {"valid": "radiology_text_reports/validation_reports.csv",
-                   "train": "radiology_text_reports/train_reports.csv"}
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -114,7 +112,7 @@ def run(args: argparse.Namespace) -> pd.DataFrame:
                                              progress=args.pbar)
     for name, reason in failures:
         logger.warning("left out %s: %s", name, reason)
-    reports = args.reports or s.data_root / REPORTS_RELPATH.get(args.split, f"radiology_text_reports/{args.split}_reports.csv")
+    reports = args.reports or s.data_root / REPORT_FILES.get(args.split, f"radiology_text_reports/{args.split}_reports.csv")
     txt, txt_present = text_features(s, emb.names, args.texts, reports,
                                      emb_path.with_name(f"{emb_path.stem}_texts_{args.texts}.npz"), args.pbar)
     without = [n for n, p in zip(emb.names, txt_present.any(axis=1)) if not p]

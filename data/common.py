@@ -63,6 +63,8 @@ logger = logging.getLogger(__name__)
 DEFAULT_CONFIG = Path("configs/pipeline.yaml")
 SPLITS = ("train", "valid")
 METADATA_FILES = {"train": "metadata/train_metadata.csv", "valid": "metadata/validation_metadata.csv"}
+REPORT_FILES = {"train": "radiology_text_reports/train_reports.csv",
+                "valid": "radiology_text_reports/validation_reports.csv"}
 NIFTI_GZ = ".nii.gz"
 # Label resampling in resize: the release's legacy "nearest", or "nearest-exact" (the voxel nearest to
 # the image's sample point; opt-in, docs/fidelity.md).

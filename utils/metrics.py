@@ -323,6 +323,11 @@ def format_report(report: pd.DataFrame, *, markdown: bool = False) -> str:
         cells.append(str(int(r["n"])))
         cells.append(str(int(r["n_positive"])) if not pd.isna(r["n_positive"]) else "")
         rows.append(cells)
+    return render_table(header, rows, markdown=markdown)
+
+
+def render_table(header: Sequence[str], rows: Sequence[Sequence[str]], *, markdown: bool = False) -> str:
+    """Rows of text cells as a Markdown table, or aligned for the console (first column left, the rest right)."""
     if markdown:
         lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
         lines += ["| " + " | ".join(c) + " |" for c in rows]

@@ -25,6 +25,8 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
+from utils.metrics import render_table
+
 RECALL_AT = (1, 5, 10, 50, 100)
 NO_COMMON = -2.0
 BLOCK_ROWS = 512
@@ -111,9 +113,4 @@ def format_table(table: pd.DataFrame, *, markdown: bool = False) -> str:
         rows.append([label, *(f"{m[f'R@{k}']:.4f} ({c[f'R@{k}']:.4f})" for k in RECALL_AT),
                      f"{m['mean_rank']:.1f} ({c['mean_rank']:.1f})", f"{m['median_rank']:.0f}",
                      str(int(m["queries"])), str(int(m["gallery"]))])
-    if markdown:
-        lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-        return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows]) + "\n"
-    widths = [max(len(x) for x in col) for col in zip(header, *rows)]
-    fmt = lambda cells: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))  # noqa: E731
-    return "\n".join([fmt(header), "  ".join("-" * w for w in widths), *(fmt(r) for r in rows)]) + "\n"
+    return render_table(header, rows, markdown=markdown)

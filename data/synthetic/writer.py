@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from data.common import METADATA_FILES, SPLITS, volume_relpath
+from data.common import METADATA_FILES, REPORT_FILES, SPLITS, volume_relpath
 from data.io import IDENTITY_DIRECTION, atomic_output, write_text
 from data.synthetic.phantom import Grid, Stream, rngs, scan_phantom, uniform
 from data.synthetic.reports import LABEL_COLUMNS, REPORT_COLUMNS, SIMULATED, load_anatomies, report_row, scan_texts
@@ -32,8 +32,6 @@ METADATA_COLUMNS: tuple[str, ...] = (
     "SamplesPerPixel", "PhotometricInterpretation", "Rows", "Columns", "XYSpacing", "RescaleIntercept",
     "RescaleSlope", "RescaleType", "NumberofSlices", "ZSpacing", "StudyDate",
 )
-REPORT_FILES = {"train": "radiology_text_reports/train_reports.csv",
-                "valid": "radiology_text_reports/validation_reports.csv"}
 LABEL_FILES = {"train": "multi_abnormality_labels/train_predicted_labels.csv",
                "valid": "multi_abnormality_labels/valid_predicted_labels.csv"}
 SCANNERS = (("SIEMENS", "SOMATOM Definition Edge"), ("PHILIPS", "Ingenuity CT"), ("TOSHIBA", "Aquilion ONE"))

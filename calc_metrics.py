@@ -26,10 +26,10 @@ import sys
 from pathlib import Path
 
 from data.io import write_table
-from data.labels_map import LabelsMapError, map_external_labels
+from data.labels_map import map_external_labels
+from utils.cli import run_main
 from utils.config import resolve_path
 from utils.metrics import (
-    MetricsInputError,
     add_ci,
     align,
     bootstrap_ci,
@@ -101,12 +101,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     # relative paths: from the current directory, else from the repository root (as train.py and eval.py)
     labels = resolve_path(args.labels if args.labels is not None else resolve_path(args.data_root) / LABELS_RELPATH)
-    try:
-        run(resolve_path(args.csv_file), labels, bootstrap=args.bootstrap, seed=args.seed, labels_map=args.labels_map)
-    except (MetricsInputError, LabelsMapError) as e:
-        print(f"calc_metrics: error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return run_main("calc_metrics", lambda: run(resolve_path(args.csv_file), labels, bootstrap=args.bootstrap,
+                                                seed=args.seed, labels_map=args.labels_map))
 
 
 if __name__ == "__main__":

@@ -20,11 +20,9 @@ from pathlib import Path
 
 import torch
 
-from data.common import PipelineError
 from data.io import write_case_csv
-from utils.config import ConfigError
+from utils.cli import run_main
 from utils.embeddings import (
-    EmbeddingsFileError,
     compute_image_embeddings,
     partial_path,
     read_name_list,
@@ -75,12 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.save_every < 1:
         parser.error("--save-every must be >= 1")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        with torch.no_grad():
-            return run(args)
-    except (ZeroShotSetupError, ConfigError, PipelineError, EmbeddingsFileError) as e:
-        print(f"embed: error: {e}", file=sys.stderr)
-        return 2
+    with torch.no_grad():
+        return run_main("embed", lambda: run(args))
 
 
 if __name__ == "__main__":

@@ -30,12 +30,11 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from data.common import PipelineError
-from data.io import InUseError, VolumeReadError, scale_hu, write_case_csv
-from utils.config import ConfigError
+from data.io import VolumeReadError, scale_hu, write_case_csv
+from utils.cli import run_main
 from utils.distributed import (destroy, gather_to_main, init_distributed, is_main_process, main_process_lock,
                                setup_logging)
-from zeroshot import (ZeroShotScorer, ZeroShotSetupError, checkpoint_args_parser, load_eval_model, prompt_features,
+from zeroshot import (ZeroShotScorer, checkpoint_args_parser, load_eval_model, prompt_features,
                       read_case, resolve_eval_inputs, volume_name, write_prediction_csv)
 
 logger = logging.getLogger("eval")
@@ -109,12 +108,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser("fVLM zero-shot evaluation", parents=[get_args_parser()],
                                      description=__doc__.split("\n\n")[0])
     args = parser.parse_args(argv)
-    try:
-        with torch.no_grad(), contextlib.ExitStack() as held:
-            status = evaluate(args, held)
-    except (ZeroShotSetupError, ConfigError, PipelineError, InUseError) as e:
-        print(f"eval: error: {e}", file=sys.stderr)
-        status = 2
+    with torch.no_grad(), contextlib.ExitStack() as held:
+        status = run_main("eval", lambda: evaluate(args, held))
     destroy()
     return status  # rank 0 carries the status; torchrun fails when any rank does
 

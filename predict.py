@@ -39,16 +39,16 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
-from data.common import PipelineConfig, PipelineError
+from data.common import PipelineConfig
 from data.io import scale_hu
 from data.fix_data import read_sitk
 from data.generate_mask import (check_labels, check_same_geometry, check_totalseg_weights, disable_usage_stats,
                                 segment_case, total_class_ids)
 from data.preprocess import crop_pad_case
 from data.resize import build_label_lut, merge_labels, resample_case
-from utils.config import ConfigError
+from utils.cli import run_main
 from utils.preset import given_flags, load_preset
-from zeroshot import ZeroShotItem, ZeroShotScorer, ZeroShotSetupError, load_eval_model, load_items, prompt_features
+from zeroshot import ZeroShotItem, ZeroShotScorer, load_eval_model, load_items, prompt_features
 
 logger = logging.getLogger("predict")
 
@@ -144,17 +144,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.json else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
-    try:
-        with torch.no_grad():
-            items, probs = predict(args)
-    except (ZeroShotSetupError, ConfigError, PipelineError) as e:  # CaseError / weights missing are PipelineErrors
-        print(f"predict: error: {e}", file=sys.stderr)
-        return 2
+    return run_main("predict", lambda: report(args))
+
+
+def report(args: argparse.Namespace) -> None:
+    with torch.no_grad():
+        items, probs = predict(args)
     if args.json:
         print(json.dumps(as_json(args, items, probs), indent=2))
     else:
         print(format_table(items, probs), end="")
-    return 0
 
 
 if __name__ == "__main__":

@@ -39,11 +39,11 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from data.common import PipelineError
 from data.io import atomic_output
 from data.dataset import CTRateTrainDataset
 from models.loss import soft_clip_loss, soft_targets
-from models.text_encoder import TextEncoderError, build_text_encoder
+from models.text_encoder import build_text_encoder
+from utils.cli import run_main
 from utils.config import ConfigError, resolve_path
 from utils.distributed import setup_logging
 from utils.preset import given_flags, load_preset
@@ -85,7 +85,7 @@ def pretrain_text_encoder(
     """
     corpus = sorted(set(t for t in texts if split_sentences(t)))
     if len(corpus) < batch_size:
-        raise ValueError(f"{len(corpus)} distinct texts: need at least one batch of {batch_size}")
+        raise ConfigError(f"{len(corpus)} distinct texts: need at least one batch of {batch_size}")
     sentences = {t: split_sentences(t) for t in corpus}
     torch.manual_seed(seed)
     rng = random.Random(seed)
@@ -167,12 +167,7 @@ def main(argv: list[str] | None = None) -> int:
                                      description=__doc__.split("\n\n")[0])
     args = parser.parse_args(argv)
     setup_logging()
-    try:
-        run(args)
-    except (ConfigError, PipelineError, TextEncoderError, FileNotFoundError, ValueError) as e:
-        print(f"pretrain_text: error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return run_main("pretrain_text", lambda: run(args))
 
 
 if __name__ == "__main__":

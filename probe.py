@@ -23,13 +23,13 @@ import numpy as np
 import pandas as pd
 
 from data.common import patient_id_of
-from data.labels_map import LabelsMapError, load_labels_map, read_dataset_labels
-from utils.config import ConfigError
-from utils.embeddings import FEATURE_KINDS, EmbeddingsFileError, ImageEmbeddings, read_name_list
+from data.labels_map import load_labels_map, read_dataset_labels
+from utils.cli import run_main
+from utils.embeddings import FEATURE_KINDS, ImageEmbeddings, read_name_list
 from data.io import write_table
 from utils.metrics import (LABEL_KEY, MetricsInputError, ScoringTable, compute_metrics_logged, format_report,
                            read_labels)
-from utils.probe import ProbeError, cross_validated_probs, design_matrix, fit_predict
+from utils.probe import cross_validated_probs, design_matrix, fit_predict
 from zeroshot import ZeroShotSetupError, load_items
 
 logger = logging.getLogger("probe")
@@ -118,12 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.folds < 2 or args.c <= 0:
         parser.error("--folds must be >= 2 and --C > 0")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        run(args)
-    except (MetricsInputError, LabelsMapError, EmbeddingsFileError, ZeroShotSetupError, ProbeError, ConfigError) as e:
-        print(f"probe: error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return run_main("probe", lambda: run(args))
 
 
 if __name__ == "__main__":

@@ -32,10 +32,9 @@ import torch
 
 from data.io import atomic_output, write_table
 from data.texts import load_report_json
-from data.common import REPORT_FILES, PipelineError, scan_id_of
-from utils.config import ConfigError
+from data.common import REPORT_FILES, scan_id_of
+from utils.cli import run_main
 from utils.embeddings import (
-    EmbeddingsFileError,
     anatomy_texts,
     compute_image_embeddings,
     encode_texts,
@@ -147,13 +146,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(parents=[get_args_parser()], description=__doc__.split("\n\n")[0])
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        with torch.no_grad():
-            run(args)
-    except (ZeroShotSetupError, ConfigError, PipelineError, EmbeddingsFileError, FileNotFoundError) as e:
-        print(f"retrieval: error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    with torch.no_grad():
+        return run_main("retrieval", lambda: run(args))
 
 
 if __name__ == "__main__":

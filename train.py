@@ -30,15 +30,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from data.common import PipelineError
 from data.dataset import CTRateTrainDataset, collate
 from data.io import InUseError, atomic_output, image_to_mask_path, list_volumes
 from engine import TrainStep, train_one_epoch
 from models.builder import build_model, text_weights_from_directory
 from models.loss import AnatomyContrastiveLoss
-from models.text_encoder import TextEncoderError, missing_parts
-from utils.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, load_model_state, save_checkpoint
-from utils.config import REPO_ROOT, ConfigError, resolve_path, save_config
+from models.text_encoder import missing_parts
+from utils.checkpoint import latest_checkpoint, load_checkpoint, load_model_state, save_checkpoint
+from utils.cli import UsageError, run_main
+from utils.config import REPO_ROOT, resolve_path, save_config
 from utils.distributed import barrier, destroy, init_distributed, is_main_process, main_process_lock, setup_logging
 from utils.preset import Preset, given_flags, load_preset
 
@@ -53,7 +53,7 @@ FLAG_KEYS = {"data_root": "paths.data_root", "mae_weights": "paths.mae_weights",
              "batch_size": "optim.batch_size", "workers": "data.workers"}
 
 
-class SetupError(RuntimeError):
+class SetupError(UsageError, RuntimeError):
     """A path or setting needed to start training is missing; the message names the flag."""
 
 
@@ -164,8 +164,8 @@ def seed_everything(seed: int) -> None:
     np.random.seed(seed % 2**32)
 
 
-def train(args: argparse.Namespace) -> dict[str, float]:
-    """Run (or resume) a training run; returns the last epoch's stats."""
+def train(args: argparse.Namespace) -> None:
+    """Run (or resume) a training run."""
     rank, world_size, device = init_distributed()
     setup_logging()
     cfg = resolve_config(args)
@@ -174,11 +174,11 @@ def train(args: argparse.Namespace) -> dict[str, float]:
     if not args.resume and has_run_files(out_dir):
         raise SetupError(f"output directory {out_dir} is not empty: pass --resume or set --output-dir")
     with hold_output_dir(out_dir):
-        return _train_in(out_dir, args, cfg, rank, world_size, device)
+        _train_in(out_dir, args, cfg, rank, world_size, device)
 
 
 def _train_in(out_dir: Path, args: argparse.Namespace, cfg: Preset, rank: int, world_size: int,
-              device: torch.device) -> dict[str, float]:
+              device: torch.device) -> None:
     resume_from = latest_checkpoint(out_dir) if args.resume else None
     seed_everything(cfg.seed + rank)
 
@@ -226,7 +226,6 @@ def _train_in(out_dir: Path, args: argparse.Namespace, cfg: Preset, rank: int, w
 
     if is_main_process():  # only now: a run that fails to start leaves no config behind
         save_config(cfg.to_dict(), out_dir)
-    stats: dict[str, float] = {}
     last = str(resume_from) if resume_from else None
     for epoch in range(start_epoch, optim_cfg.epochs):
         sampler.set_epoch(epoch)
@@ -242,23 +241,18 @@ def _train_in(out_dir: Path, args: argparse.Namespace, cfg: Preset, rank: int, w
                 f.write(json.dumps({"epoch": epoch, **stats}) + "\n")
             logger.info("epoch %d done: %s", epoch, stats)
         barrier()
-    return stats
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser("fVLM pre-training", parents=[get_args_parser()])
     args = parser.parse_args(argv)
     try:
-        train(args)
-    except (SetupError, ConfigError, FileNotFoundError, PipelineError, TextEncoderError, CheckpointError) as e:
-        logging.getLogger("train").error("%s", e)
-        return 2
+        return run_main("train", lambda: train(args))
     except FloatingPointError as e:
         logging.getLogger("train").error("%s", e)
         return 1
     finally:
         destroy()
-    return 0
 
 
 if __name__ == "__main__":

@@ -50,6 +50,7 @@ from models.builder import build_model
 from models.fvlm import FVLM
 from models.text_encoder import TextEncoderError
 from utils.checkpoint import CheckpointError, latest_checkpoint
+from utils.cli import UsageError
 from utils.config import read_yaml, resolve_path
 from utils.preset import Preset, given_flags, load_preset
 
@@ -58,7 +59,7 @@ logger = logging.getLogger(__name__)
 FILE_COLUMN = "file_name"
 
 
-class ZeroShotSetupError(RuntimeError):
+class ZeroShotSetupError(UsageError, RuntimeError):
     """Items config, checkpoint or model setup is unusable (message names what to fix)."""
 
 

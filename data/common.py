@@ -56,6 +56,7 @@ from tqdm import tqdm
 
 from data.io import (InUseError, NotWritableError, check_writable, file_fingerprint, read_json, run_lock,
                      write_case_csv, write_json)
+from utils.cli import UsageError, run_main
 from utils.config import resolve_path
 
 logger = logging.getLogger(__name__)
@@ -71,7 +72,7 @@ NIFTI_GZ = ".nii.gz"
 MASK_INTERPOLATIONS = ("nearest", "nearest-exact")
 
 
-class PipelineError(Exception):
+class PipelineError(UsageError):
     """A step cannot run at all (bad config, missing input folder or metadata, no weights)."""
 
 
@@ -435,12 +436,7 @@ def step_parser(description: str) -> argparse.ArgumentParser:
     return parser
 
 
-def run_cli(run: Callable[[], RunSummary]) -> int:
+def run_cli(prog: str, run: Callable[[], RunSummary]) -> int:
     """Call a step's ``run``; map its outcome to an exit status (0 ok, 1 failed cases, 2 not started)."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        summary = run()
-    except PipelineError as exc:
-        logger.error("%s", exc)
-        return 2
-    return 1 if summary.failed else 0
+    return run_main(prog, lambda: 1 if run().failed else 0)

@@ -46,6 +46,7 @@ from data.anatomy_boxes import Box, anatomy_boxes, read_boxes
 from data.common import scan_id_of
 from data.io import image_to_mask_path, list_volumes, open_volume
 from data.texts import compose_anatomy_text, load_report_json, is_abnormal, text_for_encoding, text_hash
+from utils.cli import MissingInputError
 
 logger = logging.getLogger(__name__)
 
@@ -159,7 +160,7 @@ class CTRateTrainDataset(Dataset):
 
         volumes = list_volumes(self.data_root, split)
         if not volumes:
-            raise FileNotFoundError(
+            raise MissingInputError(
                 f"no processed volumes under {self.data_root / f'processed_{split}_images'} "
                 "(run the data pipeline or set --data-root)")
         groups: dict[str, list[Path]] = defaultdict(list)

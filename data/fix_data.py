@@ -306,7 +306,7 @@ def versions_csv_path(data_root: Path, split: str, shard: tuple[int, int]) -> Pa
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = step_parser(__doc__.splitlines()[0]).parse_args(argv)
-    return run_cli(lambda: run(args.data_root, args.split, overwrite=args.overwrite, workers=args.workers,
+    return run_cli("fix_data", lambda: run(args.data_root, args.split, overwrite=args.overwrite, workers=args.workers,
                                shard=args.shard, pbar=not args.no_pbar))
 
 

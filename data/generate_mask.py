@@ -202,7 +202,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="segment only the classes the anatomy map needs (faster; masks differ from the "
                              "release's at organ borders)")
     args = parser.parse_args(argv)
-    return run_cli(lambda: run(args.data_root, args.split, overwrite=args.overwrite, workers=args.workers,
+    return run_cli("generate_mask", lambda: run(args.data_root, args.split, overwrite=args.overwrite, workers=args.workers,
                                shard=args.shard, pbar=not args.no_pbar, config=args.config,
                                masks_from=args.masks_from, fast=args.fast, device=args.device,
                                roi_subset=args.roi_subset))

@@ -232,7 +232,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--compresslevel", type=int, choices=range(0, 10), default=0, metavar="0-9",
                         help="gzip level of the .nii.gz output (default 0: stored, the fastest to write and read)")
     args = parser.parse_args(argv)
-    return run_cli(lambda: run(args.input, args.data_root, args.split, overwrite=args.overwrite,
+    return run_cli("import_ct", lambda: run(args.input, args.data_root, args.split, overwrite=args.overwrite,
                                workers=args.workers, shard=args.shard, pbar=not args.no_pbar,
                                npz_spacing_order=args.npz_spacing_order, compresslevel=args.compresslevel))
 

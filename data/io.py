@@ -42,6 +42,9 @@ import nibabel as nib
 import numpy as np
 from nibabel.filebasedimages import ImageFileError
 
+from utils.cli import UsageError
+
+
 _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
 IDENTITY_DIRECTION = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
 
@@ -50,11 +53,11 @@ class VolumeReadError(ValueError):
     """A volume file is missing, corrupt, truncated or not in the expected format."""
 
 
-class InUseError(RuntimeError):
+class InUseError(UsageError, RuntimeError):
     """Another run holds the lock of an output (``run_lock``)."""
 
 
-class NotWritableError(OSError):
+class NotWritableError(UsageError, OSError):
     """An output folder cannot be written (``check_writable``)."""
 
 

@@ -22,10 +22,11 @@ import pandas as pd
 import yaml
 
 from data.import_ct import volume_id
+from utils.cli import UsageError
 from utils.metrics import FILE_COLUMN, LABEL_KEY, abnormality_of
 
 
-class LabelsMapError(ValueError):
+class LabelsMapError(UsageError, ValueError):
     """The labels mapping YAML or the dataset labels CSV is unusable (one-line message)."""
 
 

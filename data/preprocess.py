@@ -186,7 +186,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="once a case's cache pair is complete, delete its resized pair (re-running resize "
                              "would redo those cases)")
     args = parser.parse_args(argv)
-    return run_cli(lambda: run(args.data_root, args.split, overwrite=args.overwrite, workers=args.workers,
+    return run_cli("preprocess", lambda: run(args.data_root, args.split, overwrite=args.overwrite, workers=args.workers,
                                shard=args.shard, pbar=not args.no_pbar, config=args.config,
                                delete_intermediates_after=args.delete_intermediates))
 

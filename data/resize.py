@@ -148,7 +148,7 @@ def run(data_root: str | Path, split: str, *, overwrite: bool = False, workers: 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = step_parser(__doc__.splitlines()[0]).parse_args(argv)
-    return run_cli(lambda: run(args.data_root, args.split, overwrite=args.overwrite, workers=args.workers,
+    return run_cli("resize", lambda: run(args.data_root, args.split, overwrite=args.overwrite, workers=args.workers,
                                shard=args.shard, pbar=not args.no_pbar, config=args.config))
 
 

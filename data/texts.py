@@ -21,6 +21,9 @@ import json
 from pathlib import Path
 from typing import Any, Mapping
 
+from utils.cli import MissingInputError
+
+
 _REMOVED_CHARS = str.maketrans("", "", "\"'()")
 
 
@@ -77,10 +80,10 @@ def text_hash(text: str) -> int:
 
 
 def load_report_json(path: str | Path) -> dict[str, Any]:
-    """``desc_info.json`` / ``conc_info.json``: ``{scan_id: {anatomy: text}}``; ``FileNotFoundError``
+    """``desc_info.json`` / ``conc_info.json``: ``{scan_id: {anatomy: text}}``; ``MissingInputError``
     names the file and the flag to set."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path} not found (anatomy-wise report texts, spec §1; set --data-root)")
+        raise MissingInputError(f"{path} not found (anatomy-wise report texts, spec §1; set --data-root)")
     with open(path, encoding="utf-8") as f:
         return json.load(f)

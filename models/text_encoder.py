@@ -21,6 +21,9 @@ from typing import Any
 import torch
 from transformers import BertConfig, BertModel, BertTokenizerFast
 
+from utils.cli import UsageError
+
+
 logger = logging.getLogger(__name__)
 
 CXR_BERT_HUB_ID = "microsoft/BiomedVLP-CXR-BERT-specialized"
@@ -31,7 +34,7 @@ _IGNORED_PREFIXES = ("pooler.", "cls.", "cls_projection_head.", "projection_head
 _WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 
 
-class TextEncoderError(RuntimeError):
+class TextEncoderError(UsageError, RuntimeError):
     """A text-encoder directory is missing, incomplete or malformed."""
 
 

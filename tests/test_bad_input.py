@@ -31,8 +31,9 @@ def read_csv(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
-def errors(caplog) -> list[str]:
-    return [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+def errors(capsys) -> list[str]:
+    """The one-line errors the entry points printed (``prog: error: message``, utils.cli.run_main)."""
+    return [line.split(": error: ", 1)[1] for line in capsys.readouterr().err.splitlines() if ": error: " in line]
 
 
 # ---------------------------------------------------------------------------- silently wrong inputs
@@ -146,11 +147,11 @@ def test_a_case_that_fails_on_rerun_loses_its_stale_outputs(processed, tmp_path)
 
 # ---------------------------------------------------------------------------- process level
 
-def test_second_run_of_a_step_exits_2_while_shards_run_side_by_side(work, caplog):
+def test_second_run_of_a_step_exits_2_while_shards_run_side_by_side(work, capsys):
     with run_lock(work / ".fix_train.lock", "fix train"):  # a whole-split run in progress
         assert run_step("fix", work) == 2
         assert run_step("fix", work, "train", "--shard", "0/2") == 2
-    message = errors(caplog)
+    message = errors(capsys)
     assert len(message) == 2 and "is in use by another run" in message[0] and "\n" not in message[0]
     assert not (work / "train_fixed").exists() and not (work / "fix_train_failures.csv").exists()
     with run_lock(work / ".fix_train.lock", "fix", shared=True), \
@@ -211,10 +212,10 @@ def read_only(tmp_path):
             folder.chmod(0o755)
 
 
-def test_read_only_data_root_exits_2_naming_the_folder(work, read_only, caplog):
+def test_read_only_data_root_exits_2_naming_the_folder(work, read_only, capsys):
     read_only(work)
     assert run_step("fix", work) == 2
-    message = errors(caplog)
+    message = errors(capsys)
     assert message == [f"cannot write to {work} (Operation not permitted): make it writable or choose another "
                        "output location"] or (len(message) == 1 and f"cannot write to {work} " in message[0])
     assert not (work / "train_fixed").exists() and not tmp_files(work)
@@ -271,14 +272,14 @@ def test_failed_start_leaves_no_config_and_the_next_start_runs(tmp_path):
     assert (tmp_path / "out" / "checkpoint_0.pth").is_file()
 
 
-def test_second_training_run_on_one_output_dir_exits_2(tmp_path, caplog):
+def test_second_training_run_on_one_output_dir_exits_2(tmp_path, capsys):
     import train
     make_train_cache(tmp_path / "data", 4)
     make_train_bert(tmp_path / "bert")
     cfg = make_tiny_preset(tmp_path)
     with run_lock(tmp_path / "out" / train.RUN_LOCK, "a first run"):
         assert train.main(["--config", str(cfg), "--resume"]) == 2
-    assert any("in use by another run" in m for m in errors(caplog))
+    assert any("in use by another run" in m for m in errors(capsys))
     assert [p.name for p in (tmp_path / "out").iterdir()] == [train.RUN_LOCK]
 
 
@@ -297,7 +298,7 @@ def test_resume_keeps_one_log_line_per_step(tmp_path):
         assert keys[0] == keys[1], name
 
 
-def test_zero_byte_checkpoint_is_named(tmp_path, caplog):
+def test_zero_byte_checkpoint_is_named(tmp_path, capsys):
     import train
     from utils.checkpoint import CheckpointError, load_checkpoint
     (tmp_path / "checkpoint_0.pth").write_bytes(b"")
@@ -309,7 +310,7 @@ def test_zero_byte_checkpoint_is_named(tmp_path, caplog):
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "checkpoint_0.pth").write_bytes(b"")
     assert train.main(["--config", str(cfg), "--resume"]) == 2
-    assert any("is empty (0 bytes" in m for m in errors(caplog))
+    assert any("is empty (0 bytes" in m for m in errors(capsys))
 
 
 def test_report_gaps_are_counted_per_file_and_anatomy(tmp_path, caplog):

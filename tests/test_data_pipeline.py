@@ -472,7 +472,7 @@ def test_bad_shard_is_rejected(text, work):
     ([], "-t total`", "Dataset291"), (["--fast"], "-t total_fast`", "Dataset297"),
     (["--roi-subset"], "-t total`", "Dataset298")])
 def test_missing_totalsegmentator_weights_fail_fast_and_write_nothing(options, download, models, processed,
-                                                                      tmp_path, monkeypatch, caplog):
+                                                                      tmp_path, monkeypatch, capsys):
     import totalsegmentator.python_api as api
     root = tmp_path / "root"
     shutil.copytree(processed, root, ignore=shutil.ignore_patterns("*_mask", "resized_*", "processed_*"))
@@ -481,8 +481,8 @@ def test_missing_totalsegmentator_weights_fail_fast_and_write_nothing(options, d
     monkeypatch.setattr(api, "totalsegmentator", lambda *a, **k: pytest.fail("TotalSegmentator was started"))
     before = all_files(root)
     assert generate_mask.main(["--data-root", str(root), "--split", "train", "--no-pbar", *options]) == 2
-    message = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
-    assert len(message) == 1 and "\n" not in message[0]
+    message = [line for line in capsys.readouterr().err.splitlines() if line.startswith("generate_mask: error: ")]
+    assert len(message) == 1
     assert f"totalseg_download_weights {download}" in message[0] and models in message[0]
     assert all_files(root) == before and not (root / "train_mask").exists()
     assert not (tmp_path / "tshome").exists()

@@ -24,6 +24,7 @@ from torch import nn
 
 from data.io import atomic_output
 from models.vit3d import VisionTransformer3D, resample_pos_embed_3d
+from utils.cli import UsageError
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +49,7 @@ _IGNORED_KEYS = ("text_encoder.embeddings.position_ids", "text_encoder.embedding
 _TOKEN_TYPE_KEY = "text_encoder.embeddings.token_type_embeddings.weight"
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UsageError, RuntimeError):
     """A checkpoint or weight file is missing, unreadable or does not fit the model."""
 
 

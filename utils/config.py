@@ -14,9 +14,10 @@ from typing import Any, Iterable
 import yaml
 
 from data.io import atomic_output
+from utils.cli import UsageError
 
 
-class ConfigError(ValueError):
+class ConfigError(UsageError, ValueError):
     """A preset or an override is malformed."""
 
 

@@ -29,6 +29,7 @@ from tqdm import tqdm
 from data.common import scan_id_of
 from data.io import VolumeReadError, atomic_output, scale_hu
 from data.texts import compose_anatomy_text, text_for_encoding
+from utils.cli import UsageError
 from utils.preset import Preset
 from zeroshot import (ZeroShotScorer, ZeroShotSetupError, load_eval_model, read_case, resolve_eval_inputs,
                       volume_name)
@@ -38,7 +39,7 @@ logger = logging.getLogger(__name__)
 FEATURE_KINDS = ("projected", "pooled")
 
 
-class EmbeddingsFileError(ValueError):
+class EmbeddingsFileError(UsageError, ValueError):
     """An embeddings file is not one embed.py wrote (message names it)."""
 
 

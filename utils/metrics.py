@@ -46,6 +46,9 @@ import pandas as pd
 from scipy.stats import rankdata
 from sklearn.metrics import f1_score, precision_score, roc_auc_score, roc_curve
 
+from utils.cli import UsageError
+
+
 logger = logging.getLogger(__name__)
 
 METRICS = ("auc", "accuracy", "specificity", "sensitivity", "f1_weighted", "precision")
@@ -62,7 +65,7 @@ FILE_COLUMN = "file_name"
 LABEL_KEY = "VolumeName"
 
 
-class MetricsInputError(ValueError):
+class MetricsInputError(UsageError, ValueError):
     """The prediction or labels CSV cannot be scored (message is one line)."""
 
 

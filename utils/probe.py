@@ -24,8 +24,11 @@ from sklearn.model_selection import StratifiedGroupKFold
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
+from utils.cli import UsageError
 
-class ProbeError(ValueError):
+
+
+class ProbeError(UsageError, ValueError):
     """The probe cannot be fitted as asked (message names the flag to change)."""
 
 

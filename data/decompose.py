@@ -105,7 +105,7 @@ class Settings:
 # ---------------------------------------------------------------------------- sentences
 
 _TERMINATOR_RUN = re.compile(r"[.!?]+")
-_WORD_BEFORE = re.compile(r"([A-Za-z][A-Za-z.]*)$")
+_WORD_BEFORE = re.compile(r"([A-Za-z](?:[A-Za-z]|\.(?=[A-Za-z]))*)$")  # "approx", "e.g"
 
 
 def _ends_sentence(text: str, start: int, end: int, settings: Settings) -> bool:

@@ -21,9 +21,10 @@ Backends:
   is not valid JSON or holds a sentence not in the report falls back to ``rules`` for that report.
 
 Scan ids: a report's id is a volume name (``train_1_a_1.nii.gz``: its scan ``train_1_a``, the key the
-dataset uses), a scan id, or with ``--split S`` an id given to ``data.import_ct`` (the scan of
-``S_{id}_a_1.nii.gz``); it must name a scan of the data root (its metadata CSVs or volumes).
-Reconstructions of one scan share its report.
+dataset uses), a scan id, or an id given to ``data.import_ct`` (the scan of ``{split}_{id}_a_1.nii.gz``);
+it must name a scan of the data root (its metadata CSVs or volumes). Reconstructions of one scan share
+its report; scans of the data root without a report are counted in a warning (their anatomies would
+train as normal).
 
 Bad input (a missing column, a report with neither findings nor impression, an id that names no scan
 of the data root, an anatomy without terms) is one line and exit 2, before anything is written; both
@@ -33,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 import logging
 import re
 import sys
@@ -93,13 +95,18 @@ class Settings:
     def load(cls, path: str | Path = DEFAULT_SETTINGS) -> Settings:
         cfg = read_yaml(path, flag="--settings")
         try:
-            return cls(frozenset(w.lower() for w in cfg["abbreviations"]),
-                       frozenset(w.lower() for w in cfg["before_numbers"]),
-                       re.compile("|".join(f"(?:{c})" for c in cfg["normal_cues"]), re.IGNORECASE),
-                       tuple(str(w) for w in cfg["other_organs"]), dict(cfg["llm"]))
+            settings = cls(frozenset(w.lower() for w in cfg["abbreviations"]),
+                           frozenset(w.lower() for w in cfg["before_numbers"]),
+                           re.compile("|".join(f"(?:{c})" for c in cfg["normal_cues"]), re.IGNORECASE),
+                           tuple(str(w) for w in cfg["other_organs"]), dict(cfg["llm"]))
         except (KeyError, TypeError, AttributeError, re.error) as e:
             raise ConfigError(f"{resolve_path(path)}: needs abbreviations, before_numbers, normal_cues (regular "
                               f"expressions), other_organs and llm ({type(e).__name__}: {e})") from None
+        llm = settings.llm
+        if not (isinstance(llm.get("system"), str) and isinstance(llm.get("user"), str)
+                and isinstance(llm.get("max_new_tokens"), int) and llm["max_new_tokens"] >= 1):
+            raise ConfigError(f"{resolve_path(path)}: llm needs system and user (texts) and max_new_tokens (>= 1)")
+        return settings
 
 
 # ---------------------------------------------------------------------------- sentences
@@ -191,26 +198,33 @@ def conclude_from_findings(d: Decomposition, settings: Settings) -> int:
 
 # ---------------------------------------------------------------------------- input
 
-def scan_aliases(data_root: Path, split: str | None) -> dict[str, str]:
+def scan_aliases(data_root: Path) -> dict[str, str]:
     """Every id a report may carry -> its scan id: the volume names of the data root (metadata CSVs,
-    ``{split}_fixed/`` and ``{split}/`` volumes), their scan ids, and with ``split`` data.import_ct's ids."""
+    ``{split}_fixed/`` and ``{split}/`` volumes), their scan ids, and the ids given to data.import_ct
+    (an id imported into both splits is left out: its reports name the volume instead)."""
+    from data.import_ct import volume_id, volume_name  # import_ct's naming, one place for it
+
     names: set[str] = set()
-    for s in SPLITS:
-        metadata = data_root / METADATA_FILES[s]
+    for split in SPLITS:
+        metadata = data_root / METADATA_FILES[split]
         if metadata.is_file():
             with open(metadata, newline="", encoding="utf-8") as f:
-                names.update(row.get("VolumeName") or "" for row in csv.DictReader(f))
-        for folder in (data_root / f"{s}_fixed", data_root / s):
+                reader = csv.DictReader(f)
+                if "VolumeName" not in (reader.fieldnames or []):
+                    raise DecomposeError(f"{metadata}: no VolumeName column: a CT-RATE metadata CSV has one")
+                names.update(row["VolumeName"] for row in reader if row["VolumeName"])
+        for folder in (data_root / f"{split}_fixed", data_root / split):
             names.update(p.name for p in folder.glob("*/*/*.nii.gz") if not p.name.startswith("."))
-    names.discard("")
     if not names:
         raise DecomposeError(f"{data_root}: no scans found (metadata/*.csv or {{split}}_fixed/ volumes): set "
                              "--data-root to the data root, after data.import_ct for scans of your own")
     aliases = {n: scan_id_of(n) for n in names} | {scan_id_of(n): scan_id_of(n) for n in names}
-    if split is not None:
-        from data.import_ct import volume_id  # the inverse of import_ct's naming, one place for it
-        aliases |= {volume_id(n): scan_id_of(n) for n in names if n.startswith(f"{split}_")
-                    and n.endswith("_a_1.nii.gz")}
+    imported: dict[str, set[str]] = {}
+    for n in names:
+        split = n.split("_", 1)[0]
+        if split in SPLITS and n.count("_") >= 3 and n == volume_name(split, volume_id(n)):
+            imported.setdefault(volume_id(n), set()).add(scan_id_of(n))
+    aliases |= {i: scans.pop() for i, scans in imported.items() if len(scans) == 1 and i not in aliases}
     return aliases
 
 
@@ -249,7 +263,7 @@ def read_reports(paths: Sequence[Path], columns: dict[str, str], aliases: dict[s
                                  f"{empty[0]}: fill or remove them")
         if unknown:
             raise DecomposeError(f"{path}: {len(unknown)} id(s) name no scan of the data root, first {unknown[0]!r}: "
-                                 "check --data-root and --id-column (ids given to data.import_ct need --split)")
+                                 "check --data-root and --id-column (an id imported into both splits: use its volume name)")
     if differing:
         logger.warning("%d scan(s) have rows with different report texts (first %s): kept each scan's first row",
                        len(set(differing)), differing[0])
@@ -315,8 +329,6 @@ def decompose_reports(reports: Sequence[Report], terms: dict[str, list[str]], se
 
 def write_outputs(out_dir: Path, desc_info: dict, conc_info: dict) -> None:
     """Both files, each written to a temporary and renamed (one after the other, at the very end)."""
-    import json
-
     with atomic_output(out_dir / DESC_FILE) as desc_tmp, atomic_output(out_dir / CONC_FILE) as conc_tmp:
         desc_tmp.write_text(json.dumps(desc_info, ensure_ascii=False), encoding="utf-8")
         conc_tmp.write_text(json.dumps(conc_info, ensure_ascii=False), encoding="utf-8")
@@ -335,7 +347,6 @@ def get_args_parser() -> argparse.ArgumentParser:
     ap.add_argument("--id-column", default=CTRATE_COLUMNS["id"])
     ap.add_argument("--findings-column", default=CTRATE_COLUMNS["findings"])
     ap.add_argument("--impression-column", default=CTRATE_COLUMNS["impression"])
-    ap.add_argument("--split", choices=SPLITS, help="ids are data.import_ct ids of this split")
     ap.add_argument("--abnormal-from", choices=ABNORMAL_FROM, default="impression",
                     help="impression (the release's rule) or findings too (see the module docstring)")
     ap.add_argument("--backend", choices=("rules", "hf", "openai"), default="rules")
@@ -364,15 +375,22 @@ def run(args: argparse.Namespace) -> Stats:
     if existing and not args.overwrite:
         raise DecomposeError(f"{', '.join(existing)} exist(s): --overwrite to replace")
     columns = {"id": args.id_column, "findings": args.findings_column, "impression": args.impression_column}
-    reports = read_reports(args.reports, columns, scan_aliases(root, args.split))
+    if args.backend == "rules" and (args.llm_model or args.llm_url):
+        raise DecomposeError("--llm-model / --llm-url are for --backend hf or openai (the default is rules)")
+    aliases = scan_aliases(root)
+    reports = read_reports(args.reports, columns, aliases)
+    without = sorted(set(aliases.values()) - {r.scan_id for r in reports})
+    if without:
+        logger.warning("%d scan(s) of %s have no report in --reports (first %s): they get no texts, and would "
+                       "train as normal", len(without), root, without[0])
+    backend = None
+    if args.backend != "rules":
+        from data.decompose_llm import make_llm_backend
+        backend = make_llm_backend(args.backend, model=args.llm_model, url=args.llm_url, anatomies=list(terms),
+                                   settings=settings, cache_dir=root / ".decompose_cache", batch_size=args.batch_size,
+                                   device=args.device)
     check_writable(root)
     with run_lock(root / ".decompose.lock", f"decompose in {root}"):
-        backend = None
-        if args.backend != "rules":
-            from data.decompose_llm import make_llm_backend
-            backend = make_llm_backend(args.backend, model=args.llm_model, url=args.llm_url,
-                                       anatomies=list(terms), settings=settings, cache_dir=root / ".decompose_cache",
-                                       batch_size=args.batch_size, device=args.device)
         desc_info, conc_info, stats = decompose_reports(
             reports, terms, settings, backend=backend, batch_size=args.batch_size,
             abnormal_from=args.abnormal_from, pbar=not args.no_pbar)

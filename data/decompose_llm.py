@@ -99,10 +99,15 @@ class LocalCausalLM:
 
         self.torch = torch
         self.name = str(path.resolve())
-        self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, padding_side="left")
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, padding_side="left")
+            self.model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, torch_dtype="auto")
+            self.model.to(device)
+        except (OSError, ValueError, RuntimeError) as e:  # missing files, unknown architecture, bad device
+            raise DecomposeError(f"{path}: cannot load a causal LM and its tokenizer ({type(e).__name__}: "
+                                 f"{' '.join(str(e).split())[:200]}): set --llm-model / --device") from None
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        self.model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, torch_dtype="auto").to(device)
         self.model.eval()
         self.device, self.max_new_tokens = device, max_new_tokens
 
@@ -167,7 +172,7 @@ class LLMBackend:
 def make_llm_backend(kind: str, *, model: str | None, url: str | None, anatomies: Sequence[str], settings: Settings,
                      cache_dir: Path, batch_size: int, device: str = "cpu") -> LLMBackend:
     """``kind`` "hf" (``model`` = a local directory) or "openai" (``url`` + served ``model`` name)."""
-    max_new_tokens = int(settings.llm.get("max_new_tokens", 1024))
+    max_new_tokens = settings.llm["max_new_tokens"]
     if not model:
         raise DecomposeError(f"--backend {kind} needs --llm-model (hf: a local model directory; openai: the served "
                              "model's name)")

@@ -87,17 +87,19 @@ def test_ctrate_reports_to_release_format(root):
                                   "aorta": "Calcific plaques in the aortic arch, approx. 4 mm."}
 
 
-def test_other_column_names_and_import_ct_ids(tmp_path):
+def test_other_column_names_and_import_ct_ids(tmp_path, caplog):
     r = tmp_path / "root"
-    for name in ("train_P001_a_1.nii.gz", "train_P002_a_1.nii.gz"):  # data.import_ct's layout
+    for name in ("train_P001_a_1.nii.gz", "train_P002_a_1.nii.gz", "valid_P003_a_1.nii.gz"):  # data.import_ct's
         scan = decompose.scan_id_of(name)
-        (r / "train_fixed" / scan.rsplit("_", 1)[0] / scan).mkdir(parents=True)
-        (r / "train_fixed" / scan.rsplit("_", 1)[0] / scan / name).write_bytes(b"")
+        folder = r / f"{name.split('_')[0]}_fixed" / scan.rsplit("_", 1)[0] / scan
+        folder.mkdir(parents=True)
+        (folder / name).write_bytes(b"")
     csv_path = write_reports(tmp_path / "mine.csv", [("P001", "Emphysema in both lungs.", ""),
                                                      ("P002", "", "Cardiomegaly.")], header=["id", "text", "conclusion"])
     args = ["--id-column", "id", "--findings-column", "text", "--impression-column", "conclusion"]
-    assert run(r, *args, reports=csv_path) == 2  # bare ids need --split
-    assert run(r, *args, "--split", "train", reports=csv_path) == 0
+    with caplog.at_level(logging.WARNING):
+        assert run(r, *args, reports=csv_path) == 0
+    assert any("1 scan(s)" in m and "valid_P003_a" in m for m in caplog.messages)  # no report: counted
     desc, conc = outputs(r)
     assert desc == {"train_P001_a": {"lung": "Emphysema in both lungs."}, "train_P002_a": {}}
     assert conc == {"train_P001_a": {}, "train_P002_a": {"heart": "Cardiomegaly."}}
@@ -130,6 +132,22 @@ def test_bad_input_is_one_line_exit_2_nothing_written(root, tmp_path, caplog, ca
         assert run(root, *extra) == 2
     errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
     assert len(errors) == 1 and "\n" not in errors[0] and expected in errors[0], errors
+    assert sorted(p.name for p in root.rglob("*")) == before
+
+
+@pytest.mark.parametrize("flags, expected", [
+    (["--llm-model", "x"], "--llm-model / --llm-url are for --backend hf or openai"),
+    (["--backend", "hf"], "--backend hf needs --llm-model"),
+    (["--backend", "hf", "--llm-model", "."], "not a Hugging Face model directory"),
+    (["--backend", "openai", "--llm-model", "qwen"], "--backend openai needs --llm-url"),
+    (["--settings", "configs/anatomy/ctrate.yaml"], "needs abbreviations"),
+])
+def test_bad_flags_are_one_line_exit_2_nothing_written(root, caplog, flags, expected):
+    before = sorted(p.name for p in root.rglob("*"))
+    with caplog.at_level(logging.ERROR):
+        assert run(root, *flags) == 2
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and expected in errors[0], errors
     assert sorted(p.name for p in root.rglob("*")) == before
 
 

@@ -47,8 +47,9 @@ if __package__ in (None, ""):  # run as `python decompose.py` from inside data/
 
 from tqdm import tqdm
 
-from data.common import METADATA_FILES, SPLITS, PipelineError, load_anatomy_terms, scan_id_of
-from data.io import InUseError, NotWritableError, atomic_output, check_writable, run_lock
+from data.common import METADATA_FILES, SPLITS, load_anatomy_terms, scan_id_of
+from data.io import atomic_output, check_writable, run_lock
+from utils.cli import UsageError, run_main
 from utils.config import ConfigError, read_yaml, resolve_path
 
 logger = logging.getLogger(__name__)
@@ -61,7 +62,7 @@ DESC_FILE, CONC_FILE = "desc_info.json", "conc_info.json"
 ABNORMAL_FROM = ("impression", "findings")
 
 
-class DecomposeError(ValueError):
+class DecomposeError(UsageError, ValueError):
     """Bad input or settings: the run does not start (one line, exit 2)."""
 
 
@@ -402,12 +403,7 @@ def run(args: argparse.Namespace) -> Stats:
 def main(argv: Iterable[str] | None = None) -> int:
     args = get_args_parser().parse_args(None if argv is None else list(argv))
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        run(args)
-    except (DecomposeError, ConfigError, PipelineError, InUseError, NotWritableError) as exc:
-        logger.error("%s", exc)
-        return 2
-    return 0
+    return run_main("decompose", lambda: run(args))
 
 
 if __name__ == "__main__":

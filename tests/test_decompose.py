@@ -111,7 +111,7 @@ def test_other_column_names_and_import_ct_ids(tmp_path, caplog):
     ("unknown id", "1 id(s) name no scan of the data root, first 'train_9_a_1.nii.gz'"),
     ("anatomy without terms", "anatomy 'heart' needs 'terms'"),
 ])
-def test_bad_input_is_one_line_exit_2_nothing_written(root, tmp_path, caplog, case, expected):
+def test_bad_input_is_one_line_exit_2_nothing_written(root, tmp_path, capsys, case, expected):
     extra: list[str] = []
     rows = [list(r) for r in REPORTS]
     header = list(decompose.CTRATE_COLUMNS.values())
@@ -128,10 +128,9 @@ def test_bad_input_is_one_line_exit_2_nothing_written(root, tmp_path, caplog, ca
         extra = ["--anatomy", str(tmp_path / "anatomy.yaml")]
     write_reports(root / "reports.csv", rows, header=header)
     before = sorted(p.name for p in root.rglob("*"))
-    with caplog.at_level(logging.ERROR):
-        assert run(root, *extra) == 2
-    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
-    assert len(errors) == 1 and "\n" not in errors[0] and expected in errors[0], errors
+    assert run(root, *extra) == 2
+    errors = capsys.readouterr().err.splitlines()
+    assert len(errors) == 1 and errors[0].startswith("decompose: error: ") and expected in errors[0], errors
     assert sorted(p.name for p in root.rglob("*")) == before
 
 
@@ -142,12 +141,11 @@ def test_bad_input_is_one_line_exit_2_nothing_written(root, tmp_path, caplog, ca
     (["--backend", "openai", "--llm-model", "qwen"], "--backend openai needs --llm-url"),
     (["--settings", "configs/anatomy/ctrate.yaml"], "needs abbreviations"),
 ])
-def test_bad_flags_are_one_line_exit_2_nothing_written(root, caplog, flags, expected):
+def test_bad_flags_are_one_line_exit_2_nothing_written(root, capsys, flags, expected):
     before = sorted(p.name for p in root.rglob("*"))
-    with caplog.at_level(logging.ERROR):
-        assert run(root, *flags) == 2
-    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
-    assert len(errors) == 1 and expected in errors[0], errors
+    assert run(root, *flags) == 2
+    errors = capsys.readouterr().err.splitlines()
+    assert len(errors) == 1 and errors[0].startswith("decompose: error: ") and expected in errors[0], errors
     assert sorted(p.name for p in root.rglob("*")) == before
 
 

@@ -1,0 +1,131 @@
+"""Data steps under faults (issue 30 #1 #5 #6 #9 #10 #11 #12, issue 26 §3): each input fed as a user would,
+its message, exit status and what is on disk afterwards checked."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import pytest
+import SimpleITK as sitk
+
+from data import fix_data, generate_mask, import_ct
+from data.common import volume_relpath
+from data.io import atomic_output, keep_locale
+from data.synthetic_external import write_dicom_series, write_nifti_ras
+from tests.test_bad_input import errors, read_csv
+from tests.test_data_pipeline import (all_files, dataset, failures, processed, raw_names, run_step,  # noqa: F401
+                                      tmp_files, work)
+from tests.test_eval import _phantom_ct, _write_sitk, eval_setup  # noqa: F401
+
+REPO = Path(__file__).resolve().parents[1]
+SPACING = (0.8, 0.7, 5.0)
+ORIGIN = (-150.0, -120.5, -300.25)
+
+
+def _chest_like(depth: int = 24) -> np.ndarray:
+    """(D, H, W) int16 that passes as chest CT in HU: air around a soft-tissue body with a denser core."""
+    z, y, x = np.mgrid[0:depth, 0:20, 0:24]
+    hu = np.full(z.shape, -1000, np.int16)
+    body = (abs(y - 10) < 7) & (abs(x - 12) < 9)
+    hu[body] = (20 + 3 * z + y + x)[body]
+    hu[:, 8:12, 8:16] = 400 + z[:, 8:12, 8:16]  # bone-like, so the sample holds a value >= 100 HU
+    return hu
+
+
+def _import(src: Path, root: Path, *extra: str) -> int:
+    return import_ct.main(["--input", str(src), "--data-root", str(root), "--split", "valid", "--no-pbar", *extra])
+
+
+# ---------------------------------------------------------------------------- 30#12: one temporary per writer
+
+def test_simultaneous_writers_of_one_output_never_share_a_temporary(tmp_path):
+    """Overlapping shard specs (0/2 beside 0/4) write the same outputs at once: every write succeeds."""
+    with atomic_output(tmp_path / "x.nii.gz") as first, atomic_output(tmp_path / "x.nii.gz") as second:
+        assert first != second and first.name.endswith("x.nii.gz") and first.name.startswith(".tmp-")
+        first.write_text("a"), second.write_text("b")
+    out = tmp_path / "same.csv"
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); from data.io import atomic_output\n"
+            "for i in range(300):\n"
+            "    with atomic_output(sys.argv[2]) as tmp:\n"
+            "        tmp.write_text(f'{sys.argv[3]} {i}\\n' * 2000)\n")
+    writers = [subprocess.Popen([sys.executable, "-c", code, str(REPO), str(out), tag], stderr=subprocess.PIPE,
+                                text=True) for tag in ("a", "b")]
+    for w in writers:
+        assert w.wait(timeout=120) == 0, w.stderr.read()
+    text = out.read_text().splitlines()
+    assert len(text) == 2000 and len(set(text)) == 1  # one writer's whole file
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["same.csv", "x.nii.gz"]
+
+
+def test_a_stale_temporary_of_a_dead_writer_is_removed(tmp_path):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = tmp_path / f".tmp-{socket.gethostname()}~{int(dead.stdout)}~0000~out.nii"
+    other_host = tmp_path / f".tmp-otherhost~{int(dead.stdout)}~0000~out.nii"
+    stale.write_bytes(b"half"), other_host.write_bytes(b"another host's writer")
+    with atomic_output(tmp_path / "out.nii") as tmp:
+        tmp.write_bytes(b"whole")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [other_host.name, "out.nii"]
+
+
+# ---------------------------------------------------------------------------- 30#11: killed run with workers
+
+# the fix step of a data root run with two workers whose cases sleep: what the test kills
+HOLD_STEP_WITH_SLEEPING_WORKERS = """
+import os, sys, time
+from functools import partial
+from pathlib import Path
+sys.path.insert(0, sys.argv[1])
+from data.common import Task, run_tasks
+
+def record_pid_and_sleep(folder):
+    Path(folder, f"{os.getpid()}.pid").write_text("")
+    time.sleep(120)
+
+root, pids = sys.argv[2:]
+run_tasks("fix", "train", root, [Task(f"case{i}", (Path(pids) / f"case{i}",), partial(record_pid_and_sleep, pids))
+                                 for i in range(4)], workers=2, pbar=False)
+"""
+
+
+def _running(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, IndexError):
+        return False
+    return state not in ("Z", "X")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_a_killed_run_leaves_no_worker_holding_its_lock_and_the_message_names_the_holder(work, tmp_path, capsys):
+    pids = tmp_path / "pids"
+    pids.mkdir()
+    parent = subprocess.Popen([sys.executable, "-c", HOLD_STEP_WITH_SLEEPING_WORKERS, str(REPO), str(work), str(pids)])
+    try:
+        deadline = time.monotonic() + 60
+        while len(list(pids.glob("*.pid"))) < 2 and time.monotonic() < deadline and parent.poll() is None:
+            time.sleep(0.1)
+        workers = [int(p.stem) for p in pids.glob("*.pid")]
+        assert len(workers) == 2
+        assert run_step("fix", work) == 2
+        message = errors(capsys)
+        assert len(message) == 1 and f"pid {parent.pid} on host {socket.gethostname()} since " in message[0]
+        assert "fix train in" in message[0] and "\n" not in message[0]
+    finally:
+        parent.send_signal(signal.SIGKILL)
+        parent.wait()
+    deadline = time.monotonic() + 20
+    while any(_running(pid) for pid in workers) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(_running(pid) for pid in workers)
+    assert run_step("fix", work) == 0  # the rerun starts at once

@@ -129,3 +129,35 @@ def test_a_killed_run_leaves_no_worker_holding_its_lock_and_the_message_names_th
         time.sleep(0.1)
     assert not any(_running(pid) for pid in workers)
     assert run_step("fix", work) == 0  # the rerun starts at once
+
+
+# ---------------------------------------------------------------------------- 30#1: partial --masks-from
+
+def test_masks_from_a_folder_of_some_masks_updates_those_and_keeps_the_others(processed, tmp_path, caplog):
+    root = tmp_path / "root"
+    shutil.copytree(processed, root)
+    names = raw_names(root)
+    before = all_files(root)
+    corrected = tmp_path / "corrected"
+    rel = volume_relpath(names[1])
+    (corrected / "train" / rel).parent.mkdir(parents=True)
+    img = nib.load(root / "totalseg_gt" / "train" / rel)
+    labels = np.asarray(img.dataobj).astype(np.uint8)
+    labels[labels == labels.max()] = 0  # one class removed by hand
+    nib.save(nib.Nifti1Image(labels, img.affine, img.header), corrected / "train" / rel)
+    caplog.set_level("INFO")
+    assert generate_mask.main(["--data-root", str(root), "--split", "train", "--no-pbar",
+                               "--masks-from", str(corrected)]) == 0
+    assert f"mask train: processed 1, skipped {len(names) - 1}, failed 0" in caplog.text
+    assert f"kept the existing outputs of {len(names) - 1} case(s)" in caplog.text
+    after = all_files(root)
+    changed = {k for k in after if after[k] != before.get(k) and not k.startswith(".manifests")}
+    assert changed == {str("train_mask" / rel)}
+    np.testing.assert_array_equal(np.asarray(nib.load(root / "train_mask" / rel).dataobj), labels)
+    assert read_csv(root / "mask_train_failures.csv") == []
+    # a volume with no mask anywhere is still a failed case, and the others stay
+    (root / "train_mask" / volume_relpath(names[0])).unlink()
+    assert generate_mask.main(["--data-root", str(root), "--split", "train", "--no-pbar",
+                               "--masks-from", str(corrected)]) == 1
+    assert failures(root, "mask") == {names[0]: f"missing mask: {corrected / 'train' / volume_relpath(names[0])}"}
+    assert {p.name for p in (root / "train_mask").rglob("*.nii.gz")} == set(names[1:])

@@ -161,3 +161,56 @@ def test_masks_from_a_folder_of_some_masks_updates_those_and_keeps_the_others(pr
                                "--masks-from", str(corrected)]) == 1
     assert failures(root, "mask") == {names[0]: f"missing mask: {corrected / 'train' / volume_relpath(names[0])}"}
     assert {p.name for p in (root / "train_mask").rglob("*.nii.gz")} == set(names[1:])
+
+
+# ---------------------------------------------------------------------------- 30#10: records after a kill
+
+def test_versions_record_after_a_killed_fix_and_its_rerun_equals_an_uninterrupted_run(work, processed,
+                                                                                       monkeypatch):
+    calls = []
+    real_fix_case = fix_data.fix_case
+
+    def killed_on_second_case(*args):
+        calls.append(args)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # the kill
+        return real_fix_case(*args)
+
+    monkeypatch.setattr(fix_data, "fix_case", killed_on_second_case)
+    with pytest.raises(KeyboardInterrupt):
+        run_step("fix", work)
+    monkeypatch.setattr(fix_data, "fix_case", real_fix_case)
+    assert run_step("fix", work) == 0
+    expected = (processed / "fix_train_versions.csv").read_text()
+    assert (work / "fix_train_versions.csv").read_text() == expected
+    assert len(expected.splitlines()) == 1 + len(raw_names(work))
+
+
+# ---------------------------------------------------------------------------- 30#9: duplicate metadata rows
+
+def _duplicate_first_row(work: Path, **change: str) -> str:
+    meta = work / "metadata" / "train_metadata.csv"
+    rows = read_csv(meta)
+    rows.append({**rows[0], **change})
+    with open(meta, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return rows[0]["VolumeName"]
+
+
+def test_two_disagreeing_metadata_rows_of_one_volume_are_an_error_naming_them(work, capsys):
+    name = _duplicate_first_row(work, RescaleIntercept="-1000")
+    n_rows = len(read_csv(work / "metadata" / "train_metadata.csv"))
+    assert run_step("fix", work) == 2
+    assert errors(capsys) == [f"{work / 'metadata' / 'train_metadata.csv'}: rows 2 and {n_rows + 1} both describe "
+                              f"{name} and disagree on RescaleIntercept: keep the right one and delete the other"]
+    assert not (work / "train_fixed").exists() and not (work / "fix_train_failures.csv").exists()
+
+
+def test_an_identical_repeated_metadata_row_is_used_once(work, caplog):
+    _duplicate_first_row(work)
+    caplog.set_level("INFO")
+    assert run_step("fix", work) == 0
+    assert "1 repeated row(s) identical to an earlier row" in caplog.text
+    assert f"processed {len(raw_names(work))}, skipped 0, failed 0" in caplog.text

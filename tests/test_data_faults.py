@@ -214,3 +214,169 @@ def test_an_identical_repeated_metadata_row_is_used_once(work, caplog):
     assert run_step("fix", work) == 0
     assert "1 repeated row(s) identical to an earlier row" in caplog.text
     assert f"processed {len(raw_names(work))}, skipped 0, failed 0" in caplog.text
+
+
+# ---------------------------------------------------------------------------- 30#5: DICOM slices, implausible CT
+
+def _move_slice(folder: Path, index: int, dz: float) -> None:
+    """Shift one slice file's ImagePositionPatient along z by ``dz`` mm."""
+    path = sorted(folder.glob("*.dcm"))[index]
+    with keep_locale():  # GDCM sets the process locale to "C"
+        img = sitk.ReadImage(str(path))
+        x, y, z = (float(v) for v in img.GetMetaData("0020|0032").split("\\"))
+        img.SetMetaData("0020|0032", f"{x:.4f}\\{y:.4f}\\{z + dz:.4f}")
+        writer = sitk.ImageFileWriter()
+        writer.KeepOriginalImageUIDOn()
+        writer.SetFileName(str(path))
+        writer.Execute(img)
+
+
+def test_dicom_series_with_a_missing_slice_or_uneven_spacing_is_a_failed_case(tmp_path):
+    src = tmp_path / "src"
+    for vid in ("even", "gap", "uneven"):
+        write_dicom_series(src / vid, _chest_like(), SPACING, ORIGIN)
+    sorted((src / "gap").glob("*.dcm"))[10].unlink()
+    _move_slice(src / "uneven", 12, 1.5)
+    root = tmp_path / "root"
+    assert _import(src, root) == 1
+    failed = pd.read_csv(root / "import_valid_failures.csv").set_index("volume")["reason"].to_dict()
+    assert set(failed) == {"valid_gap_a_1.nii.gz", "valid_uneven_a_1.nii.gz"}
+    assert failed["valid_gap_a_1.nii.gz"].startswith("DICOM series gap: uneven slice spacing (gaps 5 to 10 mm, "
+                                                     "median 5; a missing or repeated slice?)")
+    assert failed["valid_uneven_a_1.nii.gz"].startswith("DICOM series uneven: uneven slice spacing (gaps 3.5 to "
+                                                        "6.5 mm")
+    assert [p.name for p in root.glob("valid_fixed/*/*/*.nii.gz")] == ["valid_even_a_1.nii.gz"]
+    assert read_csv(root / "import_valid_warnings.csv") == []
+
+
+def test_volumes_that_cannot_be_chest_ct_in_hu_are_imported_with_a_named_warning(tmp_path, caplog):
+    src = tmp_path / "src"
+    src.mkdir()
+    write_nifti_ras(src / "good.nii.gz", _chest_like(), SPACING, ORIGIN)
+    write_nifti_ras(src / "mrlike.nii.gz", np.linspace(0, 2500, 24 * 20 * 24).astype(np.int16).reshape(24, 20, 24),
+                    SPACING, ORIGIN)
+    write_nifti_ras(src / "thin.nii.gz", _chest_like(8), SPACING, ORIGIN)
+    caplog.set_level("INFO")
+    root = tmp_path / "root"
+    assert _import(src, root) == 0
+    assert "processed 3, skipped 0, failed 0, warnings 2" in caplog.text
+    warned = {r["volume"]: r["warning"] for r in read_csv(root / "import_valid_warnings.csv")}
+    assert set(warned) == {"valid_mrlike_a_1.nii.gz", "valid_thin_a_1.nii.gz"}
+    assert warned["valid_mrlike_a_1.nii.gz"].startswith("values are not CT in HU (range 0..")
+    assert warned["valid_mrlike_a_1.nii.gz"].endswith(", 0.0 % air voxels): check the modality and the rescale")
+    assert warned["valid_thin_a_1.nii.gz"] == "covers only 40 mm along z (8 slices): a chest CT covers ~250-400 mm"
+    assert len(list(root.glob("valid_fixed/*/*/*.nii.gz"))) == 3
+
+
+def test_predict_says_when_the_volume_cannot_be_a_chest_ct(eval_setup, tmp_path, capsys, caplog):  # noqa: F811
+    import predict as predict_cli
+
+    hu, labels = _phantom_ct()  # 14 slices of 8 mm; values -850..99 HU: no air, nothing dense
+    lps = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
+    common = ["--checkpoint", str(eval_setup / "run" / "checkpoint_3.pth"), "--config", str(eval_setup / "preset.yaml"),
+              "--items", str(eval_setup / "items.yaml"), "--device", "cpu", "--json"]
+    plausible = hu.copy()
+    plausible[:, :4] = -1000
+    plausible[:, 20, 20] = 300
+    for case, array, seg in (("ok", plausible, labels), ("mrlike", hu, labels), ("thin", plausible[3:11], labels[3:11])):
+        _write_sitk(tmp_path / f"{case}.nii.gz", array, lps, (0.0, 0.0, 0.0))
+        _write_sitk(tmp_path / f"{case}_seg.nii.gz", seg, lps, (0.0, 0.0, 0.0))
+    got = {}
+    for case in ("ok", "mrlike", "thin"):
+        caplog.clear()
+        assert predict_cli.main(["--image", str(tmp_path / f"{case}.nii.gz"), "--mask",
+                                 str(tmp_path / f"{case}_seg.nii.gz"), *common]) == 0
+        got[case] = json.loads(capsys.readouterr().out)["warnings"]
+        assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == [
+            f"{w} (the probabilities below are not meaningful for such a volume)" for w in got[case]]
+    assert got["ok"] == []
+    assert got["mrlike"] == [f"{tmp_path / 'mrlike.nii.gz'}: values are not CT in HU (range -850..99, 0.0 % air "
+                             "voxels): check the modality and the rescale"]
+    assert got["thin"] == [f"{tmp_path / 'thin.nii.gz'}: covers only 64 mm along z (8 slices): a chest CT covers "
+                           "~250-400 mm"]
+
+
+# ---------------------------------------------------------------------------- 30#6: content-aware import
+
+def test_import_redoes_a_replaced_source_or_a_changed_npz_spacing_order(tmp_path, caplog):
+    src = tmp_path / "src"
+    src.mkdir()
+    hu = _chest_like()
+    write_nifti_ras(src / "scan.nii.gz", hu, SPACING, ORIGIN)
+    np.savez(src / "rc.npz", ct=hu, spacing=np.array(SPACING[::-1]))
+    root = tmp_path / "root"
+    caplog.set_level("INFO")
+    assert _import(src, root) == 0
+    out = {vid: root / "valid_fixed" / volume_relpath(import_ct.volume_name("valid", vid)) for vid in ("scan", "rc")}
+    assert _import(src, root) == 0
+    assert "import valid: processed 0, skipped 2" in caplog.text
+    replaced = hu.copy()
+    replaced[5] = 77
+    time.sleep(0.01)
+    write_nifti_ras(src / "scan.nii.gz", replaced, SPACING, ORIGIN)  # a replaced source file
+    caplog.clear()
+    assert _import(src, root) == 0
+    assert "import valid: processed 1, skipped 1" in caplog.text
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(out["scan"]))), replaced)
+    caplog.clear()
+    assert _import(src, root, "--npz-spacing-order", "xyz") == 0  # decides the NPZ's spacing only
+    assert "import valid: processed 1, skipped 1" in caplog.text
+    np.testing.assert_allclose(sitk.ReadImage(str(out["rc"])).GetSpacing(), SPACING[::-1])
+
+
+# ---------------------------------------------------------------------------- 26§3: own scans with own masks
+
+def _total_labels(shape) -> np.ndarray:
+    from totalsegmentator.map_to_binary import class_map
+
+    ids = {name: idx for idx, name in class_map["total"].items()}
+    labels = np.zeros(shape, np.uint8)
+    labels[2:20, 4:16, 2:11] = ids["lung_upper_lobe_right"]
+    labels[2:20, 4:16, 13:22] = ids["lung_upper_lobe_left"]
+    labels[8:14, 8:12, 10:14] = ids["heart"]
+    return labels
+
+
+def test_own_ras_scans_with_their_own_ras_masks_go_through_import_ct_masks(tmp_path, capsys):
+    hu = _chest_like()
+    labels = _total_labels(hu.shape)
+    src, masks = tmp_path / "scans", tmp_path / "masks"
+    src.mkdir(), masks.mkdir()
+    write_nifti_ras(src / "scan1.nii.gz", hu, SPACING, ORIGIN)
+    write_nifti_ras(masks / "scan1.nii.gz", labels, SPACING, ORIGIN)  # TotalSegmentator's output on the RAS scan
+    root = tmp_path / "root"
+    name = import_ct.volume_name("valid", "scan1")
+    # the RAS mask renamed by hand into --masks-from's layout: named as an orientation mismatch
+    assert _import(src, root) == 0
+    by_hand = tmp_path / "by_hand" / "valid" / volume_relpath(name)
+    by_hand.parent.mkdir(parents=True)
+    shutil.copy(masks / "scan1.nii.gz", by_hand)
+    mask_step = ["--data-root", str(root), "--split", "valid", "--no-pbar"]
+    assert generate_mask.main([*mask_step, "--masks-from", str(tmp_path / "by_hand")]) == 1
+    reason = failures(root, "mask", "valid")[name]
+    assert reason.startswith("mask/image geometry mismatch: origin ") and "; direction [-1.0, 0.0, 0.0" in reason
+    assert reason.endswith("must go through `import_ct --masks`; docs/evaluations.md)")
+    assert not (root / "valid_mask").exists()
+    # the way that works: the masks go with their scans
+    assert _import(src, root, "--masks", str(masks)) == 0
+    imported = root / "imported_masks" / "valid" / volume_relpath(name)
+    assert imported.is_file()
+    assert generate_mask.main([*mask_step, "--masks-from", str(root / "imported_masks")]) == 0
+    mask = sitk.ReadImage(str(root / "valid_mask" / volume_relpath(name)))
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(mask), labels)  # LPS again, as the fixed image
+    fixed = sitk.ReadImage(str(root / "valid_fixed" / volume_relpath(name)))
+    np.testing.assert_allclose(mask.GetOrigin(), fixed.GetOrigin())
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(fixed), hu)
+    # a mask missing, or not on its scan's grid: failed cases, nothing written for them
+    write_nifti_ras(src / "scan2.nii.gz", hu, SPACING, ORIGIN)
+    write_nifti_ras(src / "scan3.nii.gz", hu, SPACING, ORIGIN)
+    write_nifti_ras(masks / "scan3.nii.gz", labels, SPACING, (ORIGIN[0] + 4.0, ORIGIN[1], ORIGIN[2]))
+    assert _import(src, root, "--masks", str(masks)) == 1
+    failed = pd.read_csv(root / "import_valid_failures.csv").set_index("volume")["reason"].to_dict()
+    assert failed["valid_scan2_a_1.nii.gz"] == f"missing mask: {masks / 'scan2.nii.gz'}"
+    assert failed["valid_scan3_a_1.nii.gz"].startswith("mask/image geometry mismatch: origin [")
+    assert "direction" not in failed["valid_scan3_a_1.nii.gz"]
+    assert sorted(p.name for p in (root / "imported_masks").rglob("*.nii.gz")) == [name]
+    assert not (root / "valid_fixed" / "valid_scan2").exists() and not tmp_files(root)
+    assert _import(src, root, "--masks", str(tmp_path / "nowhere")) == 2
+    assert errors(capsys)[-1] == f"--masks: folder not found: {tmp_path / 'nowhere'}"

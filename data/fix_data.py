@@ -34,8 +34,9 @@ Only v1 is rescaled; both get the metadata geometry, so the two versions of a sc
 give the same fixed volume. The decision per volume goes to
 ``fix_{split}_versions.csv`` (``volume,version,evidence``; ``_shardKofN`` like the
 failures file; rebuilt after every run from the fix records of the shard's volumes, so a
-killed run and its rerun leave the rows an uninterrupted run would). A data root with ``{split}_fixed/`` and no ``{split}/`` (the v2 download
-as is) has nothing to fix: the step says so and exits 0.
+killed run and its rerun leave the rows an uninterrupted run would). A data root with
+``{split}_fixed/`` and no ``{split}/`` (the v2 download as is) has nothing to fix: the
+step says so and exits 0.
 
 ``--config`` is accepted like in every step; fix needs no setting from it.
 

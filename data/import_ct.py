@@ -60,7 +60,7 @@ if __package__ in (None, ""):  # run as `python import_ct.py` from inside data/
 import numpy as np
 import SimpleITK as sitk
 
-from data.io import IDENTITY_DIRECTION, keep_locale, write_volume
+from data.io import IDENTITY_DIRECTION, atomic_outputs, keep_locale, save_volume
 from data.common import (CaseError, PipelineError, RunSummary, Task, patient_id_of, run_cli, run_tasks,
                          step_parser, volume_relpath)
 from data.fix_data import check_finite, implausible_ct, read_sitk, to_hu
@@ -255,9 +255,10 @@ def import_case(source: Source, dst: Path, *, npz_spacing_order: str = "zyx", co
     image = sitk.DICOMOrient(image, CANONICAL_ORIENTATION)
     hu = to_hu(sitk.GetArrayViewFromImage(image), 1.0, 0.0)  # (D, H, W)
     geometry = (image.GetSpacing(), image.GetOrigin(), image.GetDirection())
-    write_volume(dst, hu, *geometry, compresslevel=compresslevel)
-    if labels is not None:
-        write_volume(mask[1], labels, *geometry, compresslevel=1)
+    with atomic_outputs(dst, *([mask[1]] if mask else [])) as tmps:  # the volume and its mask together
+        save_volume(tmps[0], hu, *geometry, compresslevel=compresslevel)
+        if labels is not None:
+            save_volume(tmps[1], labels, *geometry, compresslevel=1)
     return {"shape_dhw": hu.shape, "spacing_xyz": image.GetSpacing(), "warning": implausible_ct(hu, geometry[0])}
 
 

@@ -39,7 +39,7 @@ import shutil
 import socket
 import time
 import zlib
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
@@ -122,6 +122,15 @@ def atomic_output(path: str | Path) -> Iterator[Path]:
     if tmp.is_dir() and path.is_dir():  # os.replace cannot replace a non-empty directory
         shutil.rmtree(path)
     os.replace(tmp, path)
+
+
+@contextmanager
+def atomic_outputs(*paths: str | Path) -> Iterator[tuple[Path, ...]]:
+    """Temporaries (``atomic_output``) of outputs that belong together (an image and its mask): none is renamed
+    into place before all are written, so a failure leaves every one as it was, never a new image beside an
+    old mask; then the last path first, so a reader listing the first finds the others."""
+    with ExitStack() as stack:
+        yield tuple(stack.enter_context(atomic_output(p)) for p in paths)
 
 
 @contextmanager
@@ -389,9 +398,15 @@ def write_volume(path: str | Path, array_dhw: np.ndarray, spacing_xyz: Sequence[
     ``.nii`` is written uncompressed (the cache format); ``.nii.gz`` with gzip
     ``compresslevel`` (1 = fastest). The dtype is kept; no scaling is stored.
     """
-    img = nifti_image(array_dhw, spacing_xyz, origin_xyz, direction)
     with atomic_output(path) as tmp:
-        _save_nifti(img, tmp, compresslevel)
+        save_volume(tmp, array_dhw, spacing_xyz, origin_xyz, direction, compresslevel=compresslevel)
+
+
+def save_volume(path: str | Path, array_dhw: np.ndarray, spacing_xyz: Sequence[float],
+                origin_xyz: Sequence[float] = (0.0, 0.0, 0.0),
+                direction: Sequence[float] = IDENTITY_DIRECTION, *, compresslevel: int = 1) -> None:
+    """``write_volume`` without its own temporary: for a temporary of ``atomic_outputs``."""
+    _save_nifti(nifti_image(array_dhw, spacing_xyz, origin_xyz, direction), Path(path), compresslevel)
 
 
 def nifti_image(array_dhw: np.ndarray, spacing_xyz: Sequence[float], origin_xyz: Sequence[float] = (0.0, 0.0, 0.0),

@@ -18,8 +18,9 @@ import numpy as np
 import pandas as pd
 import pytest
 import SimpleITK as sitk
+import yaml
 
-from data import fix_data, generate_mask, import_ct
+from data import fix_data, generate_mask, import_ct, resize
 from data.common import volume_relpath
 from data.io import atomic_output, keep_locale
 from data.synthetic_external import write_dicom_series, write_nifti_ras
@@ -380,3 +381,35 @@ def test_own_ras_scans_with_their_own_ras_masks_go_through_import_ct_masks(tmp_p
     assert not (root / "valid_fixed" / "valid_scan2").exists() and not tmp_files(root)
     assert _import(src, root, "--masks", str(tmp_path / "nowhere")) == 2
     assert errors(capsys)[-1] == f"--masks: folder not found: {tmp_path / 'nowhere'}"
+
+
+# ---------------------------------------------------------------------------- a failure between an image and its mask
+
+def test_a_disk_full_while_writing_masks_leaves_each_image_and_mask_pair_as_it_was(processed, tmp_path,
+                                                                                    monkeypatch):
+    import data.io
+
+    root = tmp_path / "root"
+    shutil.copytree(processed, root)
+    names = raw_names(root)
+    config = yaml.safe_load((REPO / "configs" / "pipeline.yaml").read_text())
+    config["anatomy_map"] = str(REPO / config["anatomy_map"])
+    config["target_spacing_xyz"] = [1.5, 1.5, 4.0]  # a new grid: resize redoes every image and mask
+    (tmp_path / "pipeline.yaml").write_text(yaml.safe_dump(config))
+    pairs = [resize.resized_paths(root, "train", name) for name in names]
+    before = [[p.read_bytes() for p in pair] for pair in pairs]
+    real_save = data.io._save_nifti
+
+    def disk_full_on_masks(img, path, compresslevel):
+        if "masks" in str(path):
+            raise OSError(28, "No space left on device")
+        real_save(img, path, compresslevel)
+
+    monkeypatch.setattr(data.io, "_save_nifti", disk_full_on_masks)
+    assert run_step("resize", root, "train", "--config", str(tmp_path / "pipeline.yaml")) == 1
+    assert failures(root, "resize") == {name: "OSError: [Errno 28] No space left on device" for name in names}
+    assert [[p.read_bytes() for p in pair] for pair in pairs] == before  # never a new image beside an old mask
+    assert not tmp_files(root)
+    monkeypatch.setattr(data.io, "_save_nifti", real_save)
+    assert run_step("resize", root, "train", "--config", str(tmp_path / "pipeline.yaml")) == 0
+    assert all(p.read_bytes() != b for pair, old in zip(pairs, before) for p, b in zip(pair, old))

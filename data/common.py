@@ -20,7 +20,8 @@ thin ``main(argv=None) -> int``. The runner here:
   it. A case function may return ``{"kept": reason}`` instead of writing: its existing
   outputs stand (counted as skipped, logged; e.g. ``generate_mask --masks-from`` without
   a mask for a volume that has one). Outputs are written atomically
-  (``data.io.atomic_output``, one temporary name per writer);
+  (``data.io.atomic_output``, one temporary name per writer; an image and its mask
+  together, ``atomic_outputs``, so a failure never leaves a new one beside an old one);
 - runs the cases inline (``workers == 1``) or in a ``ProcessPoolExecutor`` with
   at most ``workers`` cases in flight: a case that raises is a failed case; a
   worker process that dies fails the cases in flight, and a new pool goes on. Workers

@@ -69,10 +69,10 @@ from data.generate_mask import check_labels, check_same_geometry, total_class_id
 NPZ_ARRAY_KEY = "ct"
 NPZ_SPACING_KEY = "spacing"
 ID_PATTERN = re.compile(r"[A-Za-z0-9.-]+")
-CANONICAL_ORIENTATION = "LPS"
+CANONICAL_ORIENTATION = "LPS"  # DICOMOrient code of the identity direction (+x left, +y posterior, +z superior)
 POSITION_TAG = "0020|0032"  # ImagePositionPatient
 SLICE_GAP_TOLERANCE_MM, SLICE_GAP_TOLERANCE = 0.01, 0.01  # a gap may differ from the median by max(0.01 mm, 1 %)
-MASKS_FOLDER = "imported_masks"  # {data_root}/imported_masks/{split}/...: for generate_mask --masks-from  # DICOMOrient code of the identity direction (+x left, +y posterior, +z superior)
+MASKS_FOLDER = "imported_masks"  # {data_root}/imported_masks/{split}/...: for generate_mask --masks-from
 
 
 @dataclass(frozen=True)

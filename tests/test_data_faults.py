@@ -282,7 +282,8 @@ def test_predict_says_when_the_volume_cannot_be_a_chest_ct(eval_setup, tmp_path,
     plausible = hu.copy()
     plausible[:, :4] = -1000
     plausible[:, 20, 20] = 300
-    for case, array, seg in (("ok", plausible, labels), ("mrlike", hu, labels), ("thin", plausible[3:11], labels[3:11])):
+    cases = (("ok", plausible, labels), ("mrlike", hu, labels), ("thin", plausible[3:11], labels[3:11]))
+    for case, array, seg in cases:
         _write_sitk(tmp_path / f"{case}.nii.gz", array, lps, (0.0, 0.0, 0.0))
         _write_sitk(tmp_path / f"{case}_seg.nii.gz", seg, lps, (0.0, 0.0, 0.0))
     got = {}

@@ -22,7 +22,9 @@ Steps, the same functions as the data pipeline and eval.py:
 5. ``zeroshot.ZeroShotScorer`` (shared with eval.py): one window per anatomy, HU
    window scaling, probabilities of the items of ``--items``.
 
-Prints a table (or ``--json``); an anatomy absent from the mask gives no probability.
+Prints a table (or ``--json``); an anatomy absent from the mask gives no probability. An image
+that cannot be a chest CT in HU (values, or under 100 mm along z: ``data.fix_data.implausible_ct``)
+is scored with a warning on stderr (and under ``warnings`` in the JSON).
 Exit status 0, or 2 with a one-line message when the input, weights or checkpoint are unusable.
 """
 from __future__ import annotations
@@ -41,7 +43,7 @@ import torch
 
 from data.common import PipelineConfig
 from data.io import scale_hu
-from data.fix_data import read_sitk
+from data.fix_data import implausible_ct, read_sitk
 from data.generate_mask import (check_labels, check_same_geometry, check_totalseg_weights, disable_usage_stats,
                                 segment_case, total_class_ids)
 from data.preprocess import crop_pad_case
@@ -100,24 +102,30 @@ def prepare_case(image: sitk.Image, labels: sitk.Image, pipe: PipelineConfig) ->
     return crop_pad_case(sitk.GetArrayViewFromImage(image_r), anatomy, pipe)
 
 
-def predict(args: argparse.Namespace) -> tuple[list[ZeroShotItem], dict[str, float]]:
+def predict(args: argparse.Namespace) -> tuple[list[ZeroShotItem], dict[str, float], list[str]]:
+    """Items, their probabilities, and the warnings about the input (``implausible_ct``: logged and returned)."""
     cfg = load_preset(args.config, args.overrides, flags=given_flags(args, FLAG_KEYS))
     pipe = cfg.pipeline
     roi, items = load_items(cfg.zeroshot_items)
     device = torch.device(args.device)
     model, tokenizer = load_eval_model(cfg, args.checkpoint, device)
     image = read_sitk(args.image, "image")
+    oriented = sitk.DICOMOrient(image, ORIENTATION)
+    warnings = [f"{args.image}: {w}" for w in [implausible_ct(sitk.GetArrayViewFromImage(oriented),
+                                                              oriented.GetSpacing())] if w]
+    for warning in warnings:
+        logger.warning("%s (the probabilities below are not meaningful for such a volume)", warning)
     if args.mask is not None:
         labels = read_sitk(args.mask, "mask")
     else:
-        labels = segment(sitk.DICOMOrient(image, ORIENTATION), fast=args.fast, device=device)
+        labels = segment(oriented, fast=args.fast, device=device)
     hu, anatomy = prepare_case(image, labels, pipe)
     logger.info("processed volume %s (D, H, W); anatomies present: %s", hu.shape,
                 [pipe.anatomy_names[i - 1] for i in np.unique(anatomy) if i])
     text_feats = prompt_features(model, tokenizer, items, cfg.model.text_max_length, device)
     scorer = ZeroShotScorer(model, items, pipe.anatomy_names, text_feats, roi, device,
                             transform=lambda x: scale_hu(x, pipe.hu_window))
-    return items, scorer(hu, anatomy)
+    return items, scorer(hu, anatomy), warnings
 
 
 def format_table(items: list[ZeroShotItem], probs: dict[str, float]) -> str:
@@ -129,10 +137,12 @@ def format_table(items: list[ZeroShotItem], probs: dict[str, float]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def as_json(args: argparse.Namespace, items: list[ZeroShotItem], probs: dict[str, float]) -> dict[str, Any]:
+def as_json(args: argparse.Namespace, items: list[ZeroShotItem], probs: dict[str, float],
+            warnings: list[str]) -> dict[str, Any]:
     return {
         "image": str(args.image),
         "checkpoint": str(args.checkpoint),
+        "warnings": warnings,
         "items": [{"anatomy": i.anatomy, "abnormality": i.abnormality, "negative": i.negative,
                    "positive": i.positive, "probability": probs.get(i.column)} for i in items],
     }
@@ -149,9 +159,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def report(args: argparse.Namespace) -> None:
     with torch.no_grad():
-        items, probs = predict(args)
+        items, probs, warnings = predict(args)
     if args.json:
-        print(json.dumps(as_json(args, items, probs), indent=2))
+        print(json.dumps(as_json(args, items, probs, warnings), indent=2))
     else:
         print(format_table(items, probs), end="")
 

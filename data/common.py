@@ -14,20 +14,28 @@ thin ``main(argv=None) -> int``. The runner here:
   ``.manifests/{step}_{split}/{name}.json`` (written after the outputs: a kill
   in between at worst redoes the case; outputs without a manifest, from a run before
   manifests existed, are kept when they are newer than every input, as make would);
-  ``overwrite`` redoes every case. A redone case
-  that fails loses its old outputs, so the next step never uses them. Outputs are
-  written atomically (``data.io.atomic_output``);
+  ``overwrite`` redoes every case. A case that fails keeps what it had: its last good
+  outputs and their manifest stay (nothing that existed is deleted by a failure, nor an
+  output another run just wrote), the failures CSV names it, and the next run retries
+  it. A case function may return ``{"kept": reason}`` instead of writing: its existing
+  outputs stand (counted as skipped, logged; e.g. ``generate_mask --masks-from`` without
+  a mask for a volume that has one). Outputs are written atomically
+  (``data.io.atomic_output``, one temporary name per writer; an image and its mask
+  together, ``atomic_outputs``, so a failure never leaves a new one beside an old one);
 - runs the cases inline (``workers == 1``) or in a ``ProcessPoolExecutor`` with
   at most ``workers`` cases in flight: a case that raises is a failed case; a
-  worker process that dies fails the cases in flight, and a new pool goes on;
+  worker process that dies fails the cases in flight, and a new pool goes on. Workers
+  die with the run (Linux ``PR_SET_PDEATHSIG``) and never hold its lock: a killed run
+  leaves no orphan that blocks the next one;
 - writes ``{step}_{split}_failures.csv`` (``volume,reason``) and
   ``{step}_{split}_warnings.csv`` (``volume,warning``; e.g. preprocess: anatomies
   absent from the mask) in the data root, header only when empty, replacing the
   previous run's files. With ``--shard K/N`` and N > 1 the names carry
   ``_shard{K}of{N}``, so concurrent shards never write the same file;
 - holds ``fcntl.flock`` on ``.{step}_{split}.lock`` in the data root for the whole
-  run: a second run of the step on the split exits 2; the shards of a
-  ``--shard K/N`` run share it (and each holds its own ``_shard{K}of{N}`` lock);
+  run: a second run of the step on the split exits 2, naming the holder (pid, host,
+  start time); the shards of a ``--shard K/N`` run share it (and each holds its own
+  ``_shard{K}of{N}`` lock);
 - checks first that the data root and the output folders are writable (exit 2);
 - logs one summary line (processed / skipped / failed / warnings).
 
@@ -43,7 +51,11 @@ images) and ``data.preprocess.crop_pad_case`` (``(D, H, W)`` arrays).
 from __future__ import annotations
 
 import argparse
+import ctypes
 import logging
+import os
+import signal
+import sys
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
@@ -54,8 +66,8 @@ from typing import Callable, Sequence
 import yaml
 from tqdm import tqdm
 
-from data.io import (InUseError, NotWritableError, check_writable, file_fingerprint, read_json, run_lock,
-                     write_case_csv, write_json)
+from data.io import (InUseError, NotWritableError, check_writable, close_inherited_locks, file_fingerprint,
+                     read_json, run_lock, write_case_csv, write_json)
 from utils.cli import UsageError, run_main
 from utils.config import resolve_path
 
@@ -67,6 +79,7 @@ METADATA_FILES = {"train": "metadata/train_metadata.csv", "valid": "metadata/val
 REPORT_FILES = {"train": "radiology_text_reports/train_reports.csv",
                 "valid": "radiology_text_reports/validation_reports.csv"}
 NIFTI_GZ = ".nii.gz"
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
 # Label resampling in resize: the release's legacy "nearest", or "nearest-exact" (the voxel nearest to
 # the image's sample point; opt-in, docs/fidelity.md).
 MASK_INTERPOLATIONS = ("nearest", "nearest-exact")
@@ -256,6 +269,7 @@ class RunSummary:
     skipped: int = 0
     failed: list[tuple[str, str]] = field(default_factory=list)
     warned: list[tuple[str, str]] = field(default_factory=list)
+    kept: list[tuple[str, str]] = field(default_factory=list)  # skipped: existing outputs stand (``"kept"``)
     failures_csv: Path | None = None
     warnings_csv: Path | None = None
     results: dict[str, object] = field(default_factory=dict)  # what each processed case's fn returned
@@ -358,6 +372,11 @@ def _run_locked(step: str, split: str, root: Path, mine: list[Task], *, overwrit
 
     def finish(task: Task, result: object, exc: BaseException | None) -> None:
         manifest = manifest_path(root, step, split, task.name)
+        if exc is None and isinstance(result, dict) and result.get("kept"):
+            write_json(manifest, {**made_from[task.name], "warning": None})
+            summary.skipped += 1
+            summary.kept.append((task.name, result["kept"]))
+            return
         if exc is None:
             warning = result.get("warning") if isinstance(result, dict) else None
             write_json(manifest, {**made_from[task.name], "warning": warning})
@@ -366,9 +385,8 @@ def _run_locked(step: str, split: str, root: Path, mine: list[Task], *, overwrit
             if warning:
                 summary.warned.append((task.name, warning))
             return
-        manifest.unlink(missing_ok=True)
-        for out in task.outputs:  # made from inputs that have changed since: never leave them for the next step
-            out.unlink(missing_ok=True)
+        # its outputs and manifest stay: the last good result (or another run's fresh one) is never lost, and the
+        # manifest, which records older inputs, makes the next run retry the case
         summary.failed.append((task.name, _reason(exc)))
         logger.warning("%s %s failed: %s", step, task.name, _reason(exc),
                        exc_info=None if isinstance(exc, (CaseError, BrokenProcessPool)) else exc)
@@ -385,6 +403,9 @@ def _run_locked(step: str, split: str, root: Path, mine: list[Task], *, overwrit
                 bar.update()
         else:
             _run_pool(todo, workers, finish, bar)
+    if summary.kept:
+        logger.info("%s %s: kept the existing outputs of %d case(s) (%s: %s)", step, split, len(summary.kept),
+                    summary.kept[0][0], summary.kept[0][1])
     write_case_csv(summary.failures_csv, summary.failed)
     write_case_csv(summary.warnings_csv, summary.warned, header=("volume", "warning"))
     logger.info(summary.line())
@@ -399,13 +420,23 @@ def _outputs_newer_than_inputs(task: Task) -> bool:
     return min(o[1] for o in outputs) >= max((i[1] for i in inputs), default=0)
 
 
+def _worker_init(parent_pid: int) -> None:
+    """In each pool worker: die with the parent (a killed run leaves no orphan worker) and close the parent's
+    lock fds, so that no worker ever holds the step's lock."""
+    close_inherited_locks()
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != parent_pid:  # the parent died before prctl took effect
+        os._exit(1)
+
+
 def _run_pool(todo: list[Task], workers: int, finish: Callable[[Task, object, BaseException | None], None],
               bar: tqdm) -> None:
     """Run ``todo`` on ``workers`` processes, never more cases in flight than workers, so that a worker that dies
     (killed, out of memory) fails only the cases in flight; a new pool then goes on with the rest."""
     pending = list(reversed(todo))
     while pending:
-        with ProcessPoolExecutor(max_workers=workers) as pool:
+        with ProcessPoolExecutor(max_workers=workers, initializer=_worker_init, initargs=(os.getpid(),)) as pool:
             in_flight: dict = {}
             broken = False
             while pending or in_flight:

@@ -33,9 +33,10 @@ volume found under ``{split}/`` is classified before anything is applied:
 Only v1 is rescaled; both get the metadata geometry, so the two versions of a scan
 give the same fixed volume. The decision per volume goes to
 ``fix_{split}_versions.csv`` (``volume,version,evidence``; ``_shardKofN`` like the
-failures file; a rerun updates the rows of the volumes it fixes and keeps the
-others). A data root with ``{split}_fixed/`` and no ``{split}/`` (the v2 download
-as is) has nothing to fix: the step says so and exits 0.
+failures file; rebuilt after every run from the fix records of the shard's volumes, so a
+killed run and its rerun leave the rows an uninterrupted run would). A data root with
+``{split}_fixed/`` and no ``{split}/`` (the v2 download as is) has nothing to fix: the
+step says so and exits 0.
 
 ``--config`` is accepted like in every step; fix needs no setting from it.
 
@@ -61,13 +62,14 @@ import numpy as np
 import SimpleITK as sitk
 
 from data.common import (METADATA_FILES, NIFTI_GZ, CaseError, PipelineError, RunSummary, Task, failures_csv_path,
-                         list_inputs, nii_stem, run_cli, run_tasks, step_parser, volume_relpath)
+                         list_inputs, nii_stem, run_cli, run_tasks, select_shard, step_parser, volume_relpath)
 from data.io import (VolumeReadError, check_complete, count_non_finite, file_fingerprint, read_json, write_csv,
                      write_json)
 
 logger = logging.getLogger(__name__)
 
 FIX_RECORD = ".fix.json"
+MIN_Z_EXTENT_MM = 100.0  # plausibility: a chest CT covers ~250-400 mm head to foot; less is a partial scan
 METADATA_COLUMNS = ("XYSpacing", "ZSpacing", "ImagePositionPatient", "ImageOrientationPatient",
                     "RescaleSlope", "RescaleIntercept")
 
@@ -163,6 +165,24 @@ def looks_like_hu(values: np.ndarray) -> bool:
     return air >= 0.005 * n and below_air < 0.05 * n and values.max() >= 100
 
 
+def implausible_ct(hu: np.ndarray, spacing_xyz: Sequence[float]) -> str | None:
+    """One line saying why a volume (``(D, H, W)`` = (z, y, x), reoriented, HU) cannot be the chest CT the
+    model expects, or ``None``: values that are not CT in HU (``looks_like_hu`` on every 4th voxel: e.g. MR,
+    or stored values without their rescale), or fewer than ``MIN_Z_EXTENT_MM`` along z. The one check of
+    ``import_ct`` and ``predict.py``."""
+    problems = []
+    sample = np.asarray(hu[::4, ::4, ::4], dtype=np.float32)
+    if not looks_like_hu(sample):
+        air = np.count_nonzero((sample >= -1100) & (sample <= -900)) / sample.size
+        problems.append(f"values are not CT in HU (range {sample.min():g}..{sample.max():g}, {100 * air:.1f} % "
+                        "air voxels): check the modality and the rescale")
+    extent = hu.shape[0] * float(spacing_xyz[2])
+    if extent < MIN_Z_EXTENT_MM:
+        problems.append(f"covers only {extent:.0f} mm along z ({hu.shape[0]} slices): a chest CT covers "
+                        f"~250-400 mm")
+    return "; ".join(problems) or None
+
+
 def header_matches(image: sitk.Image, geometry: FixGeometry) -> bool:
     """Header spacing, origin and direction equal the metadata row's (v2 headers carry the true geometry)."""
     return (np.allclose(image.GetSpacing(), geometry.spacing_xyz, rtol=0, atol=1e-3)
@@ -251,7 +271,8 @@ def fixed_image(stored: np.ndarray, geometry: FixGeometry) -> sitk.Image:
 
 
 def read_metadata(data_root: Path, split: str) -> dict[str, dict[str, str]]:
-    """``VolumeName -> {column: text}`` for the columns fix needs."""
+    """``VolumeName -> {column: text}`` for the columns fix needs. Two rows of one volume that disagree on
+    them are a ``PipelineError`` naming both lines; identical repeats are used once (logged)."""
     path = Path(data_root) / METADATA_FILES[split]
     if not path.is_file():
         raise PipelineError(f"metadata file not found: {path} (check --data-root)")
@@ -260,7 +281,22 @@ def read_metadata(data_root: Path, split: str) -> dict[str, dict[str, str]]:
         missing = [c for c in ("VolumeName",) + METADATA_COLUMNS if c not in (reader.fieldnames or [])]
         if missing:
             raise PipelineError(f"{path}: missing columns {missing}")
-        return {r["VolumeName"]: {c: r[c] for c in METADATA_COLUMNS} for r in reader}
+        rows: dict[str, dict[str, str]] = {}
+        lines: dict[str, int] = {}
+        repeated = 0
+        for r in reader:
+            name, row = r["VolumeName"], {c: r[c] for c in METADATA_COLUMNS}
+            if name in rows and rows[name] != row:  # an identical repeated row says nothing new: used once
+                differ = [c for c in METADATA_COLUMNS if rows[name][c] != row[c]]
+                raise PipelineError(f"{path}: rows {lines[name]} and {reader.line_num} both describe {name} and "
+                                    f"disagree on {', '.join(differ)}: keep the right one and delete the other")
+            repeated += name in rows
+            rows.setdefault(name, row)
+            lines.setdefault(name, reader.line_num)
+    if repeated:
+        logger.info("%s: %d repeated row(s) identical to an earlier row of their volume: each volume used once",
+                    path, repeated)
+    return rows
 
 
 def run(data_root: str | Path, split: str, *, overwrite: bool = False, workers: int = 1,
@@ -281,21 +317,16 @@ def run(data_root: str | Path, split: str, *, overwrite: bool = False, workers: 
                           inputs=(root / split / rel,), settings=repr(metadata.get(name))))
     summary = run_tasks("fix", split, root, tasks, overwrite=overwrite, workers=workers, shard=shard, pbar=pbar)
     versions = versions_csv_path(root, split, shard)
-    record = read_versions(versions)
-    record.update({name: (str(r["version"]), r["evidence"]) for name, r in summary.results.items()})
-    write_csv(versions, ("volume", "version", "evidence"), [(name, *record[name]) for name in sorted(record)])
+    rows = []  # from the fix records of this shard's cases: the same after a killed run and its rerun
+    for name in select_shard(names, shard):
+        record = read_json(fix_record_path(root / f"{split}_fixed" / volume_relpath(name)))
+        if isinstance(record, dict) and "version" in record:
+            rows.append((name, str(record["version"]), record.get("evidence", "")))
+    write_csv(versions, ("volume", "version", "evidence"), rows)
     counts = [sum(r["version"] == v for r in summary.results.values()) for v in (1, 2)]
     logger.info("fix %s: this run CT-RATE v1 (rescaled) %d, v2 (already HU, not rescaled) %d (per volume: %s)",
                 split, *counts, versions)
     return summary
-
-
-def read_versions(path: Path) -> dict[str, tuple[str, str]]:
-    """``volume -> (version, evidence)`` of earlier runs (empty when there is no file yet)."""
-    if not path.is_file():
-        return {}
-    with open(path, newline="") as f:
-        return {row["volume"]: (row["version"], row["evidence"]) for row in csv.DictReader(f)}
 
 
 def versions_csv_path(data_root: Path, split: str, shard: tuple[int, int]) -> Path:

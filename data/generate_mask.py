@@ -19,9 +19,12 @@ statistics (posted after every prediction unless its ``config.json`` says
 ``"send_usage_stats": false``) are switched off before the first call.
 
 ``--masks-from DIR`` instead takes existing label maps
-``DIR/{split}/{patient}/{scan}/{name}`` (e.g. the synthetic ``totalseg_gt``): each
-must have the fixed image's shape and geometry (tolerance 1e-3) and only labels of
-``totalsegmentator.map_to_binary.class_map["total"]``.
+``DIR/{split}/{patient}/{scan}/{name}`` (e.g. the synthetic ``totalseg_gt``, or the
+masks ``import_ct --masks`` wrote): each must have the fixed image's shape and geometry
+(tolerance 1e-3; a mismatch names each of size, spacing, origin, direction that differs)
+and only labels of ``totalsegmentator.map_to_binary.class_map["total"]``. A volume whose
+mask is absent from DIR keeps the mask it has (logged, counted as skipped; a folder of a
+few corrected masks updates only those); without one it is a failed case.
 
 Output: uint8 labels with the fixed image's geometry, ``.nii.gz`` at gzip level 1.
 ``--config`` gives the anatomy map (for ``--roi-subset``).
@@ -45,6 +48,8 @@ from data.common import (CaseError, PipelineConfig, PipelineError, RunSummary, T
 from data.fix_data import fixed_sources, read_fixed, read_sitk
 
 GEOMETRY_TOLERANCE = 1e-3
+ORIENTATION_HINT = (" (the mask is not on the fixed image's axes: a mask made on a scan before import_ct reoriented "
+                    "it must go through `import_ct --masks`; docs/evaluations.md)")
 INSTALL_HINT = ("run `totalseg_download_weights -t {task}` on a machine with internet access, then copy its "
                 "~/.totalsegmentator/nnunet/results folder to {path} (or point $TOTALSEG_WEIGHTS_PATH at it)")
 
@@ -105,16 +110,21 @@ def roi_classes(cfg: PipelineConfig) -> list[str]:
     return list(dict.fromkeys(c for classes in cfg.anatomy_classes for c in classes))
 
 
-def check_same_geometry(image: sitk.Image, mask: sitk.Image,
-                        tolerance: float = GEOMETRY_TOLERANCE) -> None:
-    """``CaseError('mask/image geometry mismatch: ...')`` unless size, spacing, origin, direction agree."""
+def check_same_geometry(image: sitk.Image, mask: sitk.Image, tolerance: float = GEOMETRY_TOLERANCE,
+                        direction_hint: str = "") -> None:
+    """``CaseError('mask/image geometry mismatch: ...')`` naming every one of size, spacing, origin and direction
+    that differs; ``direction_hint`` is added when the direction does."""
+    differs = []
     if tuple(image.GetSize()) != tuple(mask.GetSize()):
-        raise CaseError(f"mask/image geometry mismatch: size {mask.GetSize()} vs image {image.GetSize()}")
+        differs.append(f"size {list(mask.GetSize())} vs image {list(image.GetSize())}")
     for what in ("Spacing", "Origin", "Direction"):
         a, b = getattr(image, f"Get{what}")(), getattr(mask, f"Get{what}")()
         if not np.allclose(a, b, rtol=0, atol=tolerance):
-            raise CaseError(f"mask/image geometry mismatch: {what.lower()} {[round(float(v), 4) for v in b]} "
-                            f"vs image {[round(float(v), 4) for v in a]}")
+            differs.append(f"{what.lower()} {[round(float(v), 4) for v in b]} vs image "
+                           f"{[round(float(v), 4) for v in a]}")
+    if differs:
+        hint = direction_hint if direction_hint and any(d.startswith("direction") for d in differs) else ""
+        raise CaseError(f"mask/image geometry mismatch: {'; '.join(differs)}{hint}")
 
 
 def check_labels(labels: np.ndarray, valid_ids: set[int]) -> np.ndarray:
@@ -135,10 +145,16 @@ def check_labels(labels: np.ndarray, valid_ids: set[int]) -> np.ndarray:
 
 
 def copy_mask_case(mask_src: Path, fixed: tuple[Path, ...], dst: Path, valid_ids: set[int]) -> dict:
-    """Validate an existing label map against the fixed image and write it as ``dst`` (uint8)."""
+    """Validate an existing label map against the fixed image and write it as ``dst`` (uint8).
+
+    No ``mask_src`` while ``dst`` exists (a folder of a few corrected masks): ``dst`` is kept, once its
+    geometry is checked against the fixed image (``{"kept": ...}``, data.common)."""
     image = read_fixed(fixed)
+    if not mask_src.exists() and dst.is_file():
+        check_same_geometry(image, read_sitk(dst, "existing mask"))
+        return {"kept": f"no mask in --masks-from ({mask_src}): kept the existing {dst.name}"}
     mask = read_sitk(mask_src, "mask")
-    check_same_geometry(image, mask)
+    check_same_geometry(image, mask, direction_hint=ORIENTATION_HINT)
     labels = check_labels(sitk.GetArrayViewFromImage(mask), valid_ids)
     write_volume(dst, labels, image.GetSpacing(), image.GetOrigin(), image.GetDirection(), compresslevel=1)
     return {"shape_dhw": labels.shape}

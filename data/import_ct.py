@@ -18,6 +18,20 @@ flips and permutations only, no resampling), rounded to int16 HU and written wit
 geometry, so that one patient gives the same fixed array whatever the source format, and
 ``generate_mask``, ``resize``, ``preprocess`` and ``eval.py`` run unchanged.
 
+Checks: a DICOM series whose slices are not evenly spaced (a missing or repeated slice;
+gaps must agree within max(0.01 mm, 1 %)) is a failed case, not read on an averaged
+spacing; a volume whose values cannot be CT in HU or that covers under 100 mm along z
+(``data.fix_data.implausible_ct``) is imported with a warning (``import_{split}_warnings.csv``).
+A rerun redoes a volume whose source files (size, mtime) or settings (``--npz-spacing-order``
+for an NPZ, listed spacing, ``--compresslevel``) changed.
+
+Own masks: ``--masks DIR`` takes each volume's TotalSegmentator ``total`` label map
+``DIR/{ID}.nii.gz`` (or ``.nii``), on the source's grid (e.g. made on the user's RAS
+NIfTI), checks it against the source's geometry, reorients it with its volume and writes it,
+renamed, to ``{data_root}/imported_masks/{split}/{patient}/{scan}/{name}``: then
+``generate_mask --masks-from {data_root}/imported_masks`` takes it. A volume without its
+mask is a failed case.
+
 Names: a volume with id ``ID`` (the CSV's ``id``, else the file or folder name without its
 suffixes) becomes ``{split}_{ID}_a_1.nii.gz`` in
 ``{split}_fixed/{split}_{ID}/{split}_{ID}_a/`` (CT-RATE's ``name.rsplit('_', 1|2)`` layout:
@@ -46,15 +60,19 @@ if __package__ in (None, ""):  # run as `python import_ct.py` from inside data/
 import numpy as np
 import SimpleITK as sitk
 
-from data.io import IDENTITY_DIRECTION, keep_locale, write_volume
+from data.io import IDENTITY_DIRECTION, atomic_outputs, keep_locale, save_volume
 from data.common import (CaseError, PipelineError, RunSummary, Task, patient_id_of, run_cli, run_tasks,
                          step_parser, volume_relpath)
-from data.fix_data import check_finite, read_sitk, to_hu
+from data.fix_data import check_finite, implausible_ct, read_sitk, to_hu
+from data.generate_mask import check_labels, check_same_geometry, total_class_ids
 
 NPZ_ARRAY_KEY = "ct"
 NPZ_SPACING_KEY = "spacing"
 ID_PATTERN = re.compile(r"[A-Za-z0-9.-]+")
 CANONICAL_ORIENTATION = "LPS"  # DICOMOrient code of the identity direction (+x left, +y posterior, +z superior)
+POSITION_TAG = "0020|0032"  # ImagePositionPatient
+SLICE_GAP_TOLERANCE_MM, SLICE_GAP_TOLERANCE = 0.01, 0.01  # a gap may differ from the median by max(0.01 mm, 1 %)
+MASKS_FOLDER = "imported_masks"  # {data_root}/imported_masks/{split}/...: for generate_mask --masks-from
 
 
 @dataclass(frozen=True)
@@ -144,13 +162,35 @@ def read_dicom_series(folder: Path) -> sitk.Image:
             raise CaseError(f"{len(series)} DICOM series in folder {folder.name}: put each in its own folder")
         files = reader.GetGDCMSeriesFileNames(str(folder), series[0])
         reader.SetFileNames(files)
+        reader.MetaDataDictionaryArrayUpdateOn()  # per-slice tags, for the slice positions
         try:
             image = reader.Execute()
         except RuntimeError as exc:
             raise CaseError(f"unreadable DICOM series {folder.name}: {' '.join(str(exc).split())[-160:]}") from None
     if image.GetDimension() != 3 or image.GetSize()[2] < 2:
         raise CaseError(f"DICOM series {folder.name} is not a 3D volume ({len(files)} slice(s))")
+    check_slice_spacing(folder.name, [reader.GetMetaData(i, POSITION_TAG) if reader.HasMetaDataKey(i, POSITION_TAG)
+                                      else None for i in range(len(files))], image.GetDirection())
     return image
+
+
+def check_slice_spacing(series: str, positions: Sequence[str | None], direction: Sequence[float]) -> None:
+    """``CaseError`` unless the slices (ImagePositionPatient texts) lie at one spacing along the slice normal:
+    a missing slice or uneven spacing would otherwise be read on one averaged spacing, shifting slices by mm."""
+    if None in positions:
+        raise CaseError(f"DICOM series {series}: a slice has no ImagePositionPatient: cannot check its spacing")
+    try:
+        xyz = np.array([[float(v) for v in text.split("\\")] for text in positions])
+    except ValueError:
+        raise CaseError(f"DICOM series {series}: unparsable ImagePositionPatient") from None
+    normal = np.asarray(direction, dtype=np.float64).reshape(3, 3)[:, 2]
+    gaps = np.diff(np.sort(xyz @ normal))
+    median = float(np.median(gaps))
+    tolerance = max(SLICE_GAP_TOLERANCE_MM, SLICE_GAP_TOLERANCE * median)
+    if median <= tolerance or np.abs(gaps - median).max() > tolerance:
+        raise CaseError(f"DICOM series {series}: uneven slice spacing (gaps {gaps.min():.3g} to {gaps.max():.3g} mm, "
+                        f"median {median:.3g}; a missing or repeated slice?): complete the series, or resample "
+                        "it to an even spacing and import that")
 
 
 def read_npz(path: Path, spacing_order: str = "zyx", listed_spacing_xyz: Sequence[float] | None = None) -> sitk.Image:
@@ -200,26 +240,61 @@ def read_source(path: Path, *, npz_spacing_order: str = "zyx",
     return read_sitk(path)
 
 
-def import_case(source: Source, dst: Path, *, npz_spacing_order: str = "zyx", compresslevel: int = 0) -> dict:
-    """Read one volume, reorient it to the canonical axes and write ``dst`` (int16 HU)."""
+def import_case(source: Source, dst: Path, *, npz_spacing_order: str = "zyx", compresslevel: int = 0,
+                mask: tuple[Path, Path] | None = None) -> dict:
+    """Read one volume, reorient it to the canonical axes and write ``dst`` (int16 HU); with ``mask``
+    (its label map on the source's grid, where to write it) the labels likewise. A volume that cannot be a
+    chest CT in HU (``implausible_ct``) is written with a warning."""
     image = read_source(source.path, npz_spacing_order=npz_spacing_order, listed_spacing_xyz=source.spacing_xyz)
+    labels = None
+    if mask is not None:
+        labels = read_sitk(mask[0], "mask")
+        check_same_geometry(image, labels)
+        labels = sitk.DICOMOrient(labels, CANONICAL_ORIENTATION)
+        labels = check_labels(sitk.GetArrayFromImage(labels), total_class_ids())
     image = sitk.DICOMOrient(image, CANONICAL_ORIENTATION)
     hu = to_hu(sitk.GetArrayViewFromImage(image), 1.0, 0.0)  # (D, H, W)
-    write_volume(dst, hu, image.GetSpacing(), image.GetOrigin(), image.GetDirection(), compresslevel=compresslevel)
-    return {"shape_dhw": hu.shape, "spacing_xyz": image.GetSpacing()}
+    geometry = (image.GetSpacing(), image.GetOrigin(), image.GetDirection())
+    with atomic_outputs(dst, *([mask[1]] if mask else [])) as tmps:  # the volume and its mask together
+        save_volume(tmps[0], hu, *geometry, compresslevel=compresslevel)
+        if labels is not None:
+            save_volume(tmps[1], labels, *geometry, compresslevel=1)
+    return {"shape_dhw": hu.shape, "spacing_xyz": image.GetSpacing(), "warning": implausible_ct(hu, geometry[0])}
+
+
+def source_files(path: Path) -> tuple[Path, ...]:
+    """The files a source is read from (a DICOM folder's slices): what a rerun compares to redo it."""
+    if path.is_dir():
+        return tuple(sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith(".")))
+    return (path,)
+
+
+def mask_source(masks: Path, source: Source) -> Path:
+    """``{masks}/{ID}.nii.gz`` (or ``.nii``): the label map given with a volume."""
+    gz = masks / f"{source.id}.nii.gz"
+    return gz if gz.exists() or not (masks / f"{source.id}.nii").exists() else masks / f"{source.id}.nii"
 
 
 def run(input_path: str | Path, data_root: str | Path, split: str, *, overwrite: bool = False, workers: int = 1,
         shard: tuple[int, int] = (0, 1), pbar: bool = True, npz_spacing_order: str = "zyx",
-        compresslevel: int = 0) -> RunSummary:
-    """Import every listed volume into ``{data_root}/{split}_fixed/`` (this shard's part)."""
+        compresslevel: int = 0, masks: str | Path | None = None) -> RunSummary:
+    """Import every listed volume into ``{data_root}/{split}_fixed/`` (this shard's part), and with ``masks``
+    each volume's label map into ``{data_root}/imported_masks/{split}/``. A case is redone when a source file
+    (size, mtime) or a setting that decides its output changed."""
     root = Path(data_root)
+    if masks is not None and not Path(masks).is_dir():
+        raise PipelineError(f"--masks: folder not found: {masks}")
     tasks = []
     for source in list_sources(input_path):
         name = volume_name(split, source.id)
         dst = root / f"{split}_fixed" / volume_relpath(name)
-        tasks.append(Task(name, (dst,), partial(import_case, source, dst, npz_spacing_order=npz_spacing_order,
-                                                compresslevel=compresslevel)))
+        mask = (mask_source(Path(masks), source), root / MASKS_FOLDER / split / volume_relpath(name)) if masks else None
+        inputs = source_files(source.path) + ((mask[0],) if mask else ())
+        order = npz_spacing_order if source.path.name.endswith(".npz") else None
+        tasks.append(Task(name, (dst,) + ((mask[1],) if mask else ()),
+                          partial(import_case, source, dst, npz_spacing_order=npz_spacing_order,
+                                  compresslevel=compresslevel, mask=mask),
+                          inputs=inputs, settings=repr((order, source.spacing_xyz, compresslevel))))
     return run_tasks("import", split, root, tasks, overwrite=overwrite, workers=workers, shard=shard, pbar=pbar)
 
 
@@ -231,10 +306,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="axis order of an NPZ's 'spacing' (default zyx, the array's order)")
     parser.add_argument("--compresslevel", type=int, choices=range(0, 10), default=0, metavar="0-9",
                         help="gzip level of the .nii.gz output (default 0: stored, the fastest to write and read)")
+    parser.add_argument("--masks", type=Path, default=None,
+                        help="folder of TotalSegmentator `total` label maps {ID}.nii.gz on the sources' grids: "
+                             "reoriented and renamed with their volumes into DATA_ROOT/imported_masks/{split}/ "
+                             "(then: generate_mask --masks-from DATA_ROOT/imported_masks)")
     args = parser.parse_args(argv)
     return run_cli("import_ct", lambda: run(args.input, args.data_root, args.split, overwrite=args.overwrite,
                                workers=args.workers, shard=args.shard, pbar=not args.no_pbar,
-                               npz_spacing_order=args.npz_spacing_order, compresslevel=args.compresslevel))
+                               npz_spacing_order=args.npz_spacing_order, compresslevel=args.compresslevel,
+                               masks=args.masks))
 
 
 if __name__ == "__main__":

@@ -1,10 +1,12 @@
 """File I/O of the data steps, the training cache and the run outputs: NIfTI volumes, CSV reports, atomic writes.
 
-Atomic writes: every output is written to its ``.tmp-{name}`` sibling and renamed
-(``os.replace``) by ``atomic_output``, so a killed process never leaves a
-truncated file under the final name; the temporary name is deterministic, so a
-stale one left by a kill is simply overwritten by the next attempt, and it starts
-with a dot, so listings skip it. ``write_case_csv`` writes the per-case reports
+Atomic writes: every output is written to a temporary sibling
+``.tmp-{host}~{pid}~{token}~{name}`` and renamed (``os.replace``) by ``atomic_output``,
+so a killed process never leaves a truncated file under the final name. The name is
+unique per writer, so two runs writing the same output at once (overlapping shard
+specs) never share a temporary; it starts with a dot, so listings skip it, and the stale
+ones killed writers on this host left (their pid gone) are removed by the next writer in
+that folder. ``write_case_csv`` writes the per-case reports
 (``volume,reason`` failures, ``volume,warning`` warnings) with one line per cell.
 
 Array layout: every array here is ``(D, H, W)`` = ``(z, y, x)``, exactly what
@@ -32,9 +34,12 @@ import json
 import locale
 import math
 import os
+import secrets
 import shutil
+import socket
+import time
 import zlib
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
@@ -68,14 +73,47 @@ def _remove(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
+_SWEPT_FOLDERS: set[Path] = set()
+
+
+def _remove_stale_temporaries(folder: Path) -> None:
+    """Once per process and folder (a folder may hold a manifest per volume): remove the temporaries that
+    killed writers on this host left there (their pid is gone), and any of the older fixed ``.tmp-{name}`` form."""
+    if folder in _SWEPT_FOLDERS:
+        return
+    _SWEPT_FOLDERS.add(folder)
+    host = socket.gethostname()
+    with os.scandir(folder) as entries:
+        for entry in entries:
+            if not entry.name.startswith(".tmp-"):
+                continue
+            parts = entry.name[len(".tmp-"):].split("~", 3)
+            if len(parts) == 4 and (parts[0] != host or not parts[1].isdigit() or _pid_alive(int(parts[1]))):
+                continue  # another host's writer, or one still running
+            try:
+                _remove(folder / entry.name)
+            except FileNotFoundError:  # removed by another writer meanwhile
+                pass
+
+
 @contextmanager
 def atomic_output(path: str | Path) -> Iterator[Path]:
-    """Yield the temporary sibling ``.tmp-{name}`` to write (a file or a directory); on success it
-    replaces ``path``, on any exception it is removed and ``path`` is left as it was."""
+    """Yield a temporary sibling of ``path``, unique to this writer (module docstring), to write (a file or
+    a directory); on success it replaces ``path``, on any exception it is removed and ``path`` is left as it was."""
     path = Path(path)
-    tmp = path.with_name(f".tmp-{path.name}")
     path.parent.mkdir(parents=True, exist_ok=True)
-    _remove(tmp)  # a stale temporary of a killed run
+    _remove_stale_temporaries(path.parent)
+    tmp = path.with_name(f".tmp-{socket.gethostname()}~{os.getpid()}~{secrets.token_hex(4)}~{path.name}")
     try:
         yield tmp
     except BaseException:
@@ -84,6 +122,15 @@ def atomic_output(path: str | Path) -> Iterator[Path]:
     if tmp.is_dir() and path.is_dir():  # os.replace cannot replace a non-empty directory
         shutil.rmtree(path)
     os.replace(tmp, path)
+
+
+@contextmanager
+def atomic_outputs(*paths: str | Path) -> Iterator[tuple[Path, ...]]:
+    """Temporaries (``atomic_output``) of outputs that belong together (an image and its mask): none is renamed
+    into place before all are written, so a failure leaves every one as it was, never a new image beside an
+    old mask; then the last path first, so a reader listing the first finds the others."""
+    with ExitStack() as stack:
+        yield tuple(stack.enter_context(atomic_output(p)) for p in paths)
 
 
 @contextmanager
@@ -97,24 +144,66 @@ def keep_locale() -> Iterator[None]:
         locale.setlocale(locale.LC_ALL, saved)
 
 
+# fds of the locks this process holds: a forked worker closes its copies (``close_inherited_locks``), so
+# that a worker outliving its parent never keeps the parent's lock
+HELD_LOCK_FDS: set[int] = set()
+
+
+def close_inherited_locks() -> None:
+    """In a forked child: close the inherited lock fds (the parent's lock stays held through its own fd)."""
+    for fd in list(HELD_LOCK_FDS):
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    HELD_LOCK_FDS.clear()
+
+
+def _lock_holders(path: Path) -> str:
+    """The holders a lock file records (``run_lock``), less those gone from this host (finished shared holders);
+    when all are gone, the last one, marked so (a process it started may hold the lock)."""
+    host, live, gone = socket.gethostname(), [], []
+    for line in path.read_text(errors="replace").splitlines():
+        words = line.split()
+        if words[:1] != ["pid"]:
+            continue
+        if len(words) > 4 and words[3] == host and words[1].isdigit() and not _pid_alive(int(words[1])):
+            gone.append(f"{line.strip()}, exited: a process it started may still hold it")
+        else:
+            live.append(line.strip())
+    return "; ".join(live or gone[-1:]) or "holder not recorded"
+
+
 @contextmanager
 def run_lock(path: str | Path, what: str, *, shared: bool = False) -> Iterator[None]:
     """Hold ``fcntl.flock`` on the lock file ``path`` (created if needed) until the block ends.
 
     ``InUseError`` at once when another process holds it (exclusive against any holder; ``shared``
-    locks coexist with each other). The kernel drops the lock when the holder exits, however it dies.
+    locks coexist with each other), naming the holder: each holder writes ``pid P on host H since T``
+    into the file (an exclusive holder replaces its text, a shared one adds a line). The kernel drops
+    the lock when the holder exits, however it dies.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     try:
         try:
             fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise InUseError(f"{what} is in use by another run (lock {path}); wait for it to end, "
-                             "or stop it (its workers too)") from None
+            raise InUseError(f"{what} is in use by another run ({_lock_holders(path)}; lock {path}): "
+                             "wait for it to end, or stop that process") from None
+        HELD_LOCK_FDS.add(fd)
+        holder = (f"pid {os.getpid()} on host {socket.gethostname()} since "
+                  f"{time.strftime('%Y-%m-%d %H:%M:%S %Z')}\n").encode()
+        if shared:  # one small O_APPEND write: shared holders never mix their lines
+            with open(path, "ab") as f:
+                f.write(holder)
+        else:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, holder, 0)
         yield
     finally:
+        HELD_LOCK_FDS.discard(fd)
         os.close(fd)
 
 
@@ -309,9 +398,15 @@ def write_volume(path: str | Path, array_dhw: np.ndarray, spacing_xyz: Sequence[
     ``.nii`` is written uncompressed (the cache format); ``.nii.gz`` with gzip
     ``compresslevel`` (1 = fastest). The dtype is kept; no scaling is stored.
     """
-    img = nifti_image(array_dhw, spacing_xyz, origin_xyz, direction)
     with atomic_output(path) as tmp:
-        _save_nifti(img, tmp, compresslevel)
+        save_volume(tmp, array_dhw, spacing_xyz, origin_xyz, direction, compresslevel=compresslevel)
+
+
+def save_volume(path: str | Path, array_dhw: np.ndarray, spacing_xyz: Sequence[float],
+                origin_xyz: Sequence[float] = (0.0, 0.0, 0.0),
+                direction: Sequence[float] = IDENTITY_DIRECTION, *, compresslevel: int = 1) -> None:
+    """``write_volume`` without its own temporary: for a temporary of ``atomic_outputs``."""
+    _save_nifti(nifti_image(array_dhw, spacing_xyz, origin_xyz, direction), Path(path), compresslevel)
 
 
 def nifti_image(array_dhw: np.ndarray, spacing_xyz: Sequence[float], origin_xyz: Sequence[float] = (0.0, 0.0, 0.0),

@@ -38,7 +38,7 @@ import numpy as np
 from data.anatomy_boxes import bounding_box, boxes_path, present_labels, write_boxes
 from data.common import (NIFTI_GZ, CaseError, PipelineConfig, RunSummary, Task, list_inputs, load_pipeline_config,
                          nii_stem, run_cli, run_tasks, select_shard, step_parser, volume_relpath)
-from data.io import VolumeReadError, open_volume, read_geometry, read_volume, write_volume
+from data.io import VolumeReadError, atomic_outputs, open_volume, read_geometry, read_volume, save_volume
 from data.resize import resized_paths
 
 logger = logging.getLogger(__name__)
@@ -102,7 +102,7 @@ def _crop_pad(image_dhw: np.ndarray, mask_dhw: np.ndarray, cfg: PipelineConfig
 
 def preprocess_case(image_src: Path, mask_src: Path, image_dst: Path, mask_dst: Path,
                     cfg: PipelineConfig) -> dict:
-    """Crop/pad one resized case and write the cache pair (mask last)."""
+    """Crop/pad one resized case and write the cache pair together (``atomic_outputs``), then its boxes."""
     if not mask_src.is_file():
         raise CaseError(f"missing mask: {mask_src}")
     try:
@@ -117,8 +117,9 @@ def preprocess_case(image_src: Path, mask_src: Path, image_dst: Path, mask_dst: 
     shift_xyz = np.asarray(window.offset_dhw[::-1], dtype=np.float64) * spacing
     new_origin = np.asarray(origin) + np.asarray(direction).reshape(3, 3) @ shift_xyz
     boxes_path(mask_dst).unlink(missing_ok=True)  # a record never outlives its mask (kill during --overwrite)
-    write_volume(image_dst, image, spacing, new_origin, direction)
-    write_volume(mask_dst, mask, spacing, new_origin, direction)
+    with atomic_outputs(image_dst, mask_dst) as (image_tmp, mask_tmp):
+        save_volume(image_tmp, image, spacing, new_origin, direction)
+        save_volume(mask_tmp, mask, spacing, new_origin, direction)
     write_boxes(mask, mask_dst)  # last: the case is complete once its record exists
     return {"shape_dhw": image.shape, "offset_dhw": window.offset_dhw, "warning": missing_anatomies(mask, cfg)}
 

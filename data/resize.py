@@ -40,7 +40,7 @@ import SimpleITK as sitk
 import torch
 import torch.nn.functional as F
 
-from data.io import write_volume
+from data.io import atomic_outputs, save_volume
 from data.common import (NIFTI_GZ, PipelineConfig, PipelineError, RunSummary, Task, load_pipeline_config,
                          nii_stem, run_cli, run_tasks, step_parser, volume_relpath)
 from data.fix_data import fixed_sources, read_fixed, read_sitk
@@ -108,7 +108,7 @@ def resample_case(image: sitk.Image, labels: sitk.Image, target_spacing_xyz: Seq
 
 def resize_case(fixed: tuple[Path, ...], mask_src: Path, image_dst: Path, mask_dst: Path, cfg: PipelineConfig,
                 lut: np.ndarray) -> dict:
-    """Merge + resample one case; writes ``image_dst`` and ``mask_dst`` (mask last)."""
+    """Merge + resample one case; writes ``image_dst`` and ``mask_dst`` together (``atomic_outputs``)."""
     image = read_fixed(fixed)
     labels = read_sitk(mask_src, "mask")
     check_same_geometry(image, labels)
@@ -116,8 +116,9 @@ def resize_case(fixed: tuple[Path, ...], mask_src: Path, image_dst: Path, mask_d
                                           mask_interpolation=cfg.mask_interpolation)
     anatomy = merge_labels(sitk.GetArrayViewFromImage(out_labels), lut)
     geometry = (out_image.GetSpacing(), out_image.GetOrigin(), out_image.GetDirection())
-    write_volume(image_dst, sitk.GetArrayViewFromImage(out_image), *geometry)
-    write_volume(mask_dst, anatomy, *geometry, compresslevel=1)
+    with atomic_outputs(image_dst, mask_dst) as (image_tmp, mask_tmp):
+        save_volume(image_tmp, sitk.GetArrayViewFromImage(out_image), *geometry)
+        save_volume(mask_tmp, anatomy, *geometry, compresslevel=1)
     return {"shape_dhw": anatomy.shape}
 
 

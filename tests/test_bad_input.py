@@ -134,15 +134,21 @@ def test_changed_metadata_row_redoes_the_fix(processed, tmp_path, caplog):
     assert f"fix train: processed 1, skipped {len(raw_names(root)) - 1}" in caplog.text
 
 
-def test_a_case_that_fails_on_rerun_loses_its_stale_outputs(processed, tmp_path):
+def test_a_case_that_fails_on_rerun_keeps_its_outputs_and_is_retried(processed, tmp_path, caplog):
     root = tmp_path / "root"
     shutil.copytree(processed, root)
     name = raw_names(root)[0]
+    mask = root / "train_mask" / volume_relpath(name)
+    good = mask.read_bytes()
     (root / "totalseg_gt" / "train" / volume_relpath(name)).write_bytes(b"not a nifti")
     assert run_step("mask", root) == 1
-    assert not (root / "train_mask" / volume_relpath(name)).exists()
-    assert run_step("resize", root) == 1  # the next step sees the missing mask, not the stale one
-    assert failures(root, "resize")[name].startswith("missing mask")
+    assert failures(root, "mask")[name].startswith("corrupt or truncated mask")
+    assert mask.read_bytes() == good  # the last good mask stays, and the next steps go on with it
+    assert run_pipeline(root)[1:] == [1, 0, 0]
+    caplog.set_level("INFO")
+    assert run_step("mask", root) == 1  # retried, not skipped, until its input is good again
+    assert f"mask train: processed 0, skipped {len(raw_names(root)) - 1}, failed 1" in caplog.text
+    assert mask.read_bytes() == good
 
 
 # ---------------------------------------------------------------------------- process level

@@ -72,8 +72,9 @@ def raw_names(root: Path, split: str = "train") -> list[str]:
 
 
 def all_files(root: Path) -> dict[str, bytes]:
+    """Every file's bytes, less the failure reports and the lock files (which record their last holder)."""
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()
-            and not p.name.endswith("_failures.csv")}
+            and not p.name.endswith(("_failures.csv", ".lock"))}
 
 
 def tmp_files(root: Path) -> list[Path]:

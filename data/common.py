@@ -117,16 +117,34 @@ def _numbers(cfg: dict, key: str, n: int, kind: type) -> tuple:
     return tuple(kind(v) for v in value)
 
 
-def load_anatomy_map(path: str | Path) -> list[tuple[str, list[str]]]:
-    """(anatomy name, TotalSegmentator classes) in id order, from an anatomy map YAML
-    (``anatomies: [{name, classes}]``); ``PipelineError`` names the file when it is malformed."""
+def _anatomy_entries(path: str | Path) -> list[dict]:
+    """The ``anatomies`` list of an anatomy map YAML, checked; ``PipelineError`` names the file."""
     with open(path, encoding="utf-8") as f:
         anatomies = (yaml.safe_load(f) or {}).get("anatomies")
     if not isinstance(anatomies, list) or not anatomies or not all(
             isinstance(a, dict) and isinstance(a.get("name"), str) and isinstance(a.get("classes"), list)
             and a["classes"] for a in anatomies):
         raise PipelineError(f"{path}: 'anatomies' must be a non-empty list of {{name, classes}}")
-    return [(a["name"], [str(c) for c in a["classes"]]) for a in anatomies]
+    return anatomies
+
+
+def load_anatomy_map(path: str | Path) -> list[tuple[str, list[str]]]:
+    """(anatomy name, TotalSegmentator classes) in id order, from an anatomy map YAML
+    (``anatomies: [{name, classes, terms}]``); ``PipelineError`` names the file when it is malformed."""
+    return [(a["name"], [str(c) for c in a["classes"]]) for a in _anatomy_entries(path)]
+
+
+def load_anatomy_terms(path: str | Path) -> dict[str, list[str]]:
+    """Anatomy name -> the words that name it in a report (``terms``, what ``data.decompose`` matches), in
+    id order; ``PipelineError`` names the file and the anatomy without terms."""
+    out: dict[str, list[str]] = {}
+    for a in _anatomy_entries(path):
+        terms = a.get("terms")
+        if not isinstance(terms, list) or not terms or not all(isinstance(t, str) and t.strip() for t in terms):
+            raise PipelineError(f"{path}: anatomy {a['name']!r} needs 'terms', a non-empty list of the words "
+                                "that name it in reports (e.g. terms: [lung, pulmonary, lobe])")
+        out[a["name"]] = [t.strip() for t in terms]
+    return out
 
 
 def load_pipeline_config(path: str | Path | None = None) -> PipelineConfig:

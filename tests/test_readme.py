@@ -110,6 +110,7 @@ def test_readme_commands_use_every_preset_default(tmp_path):
     data, out = repo / "data", repo / "output" / "fvlm_ctrate"
     assert sorted(p.name for p in out.glob("checkpoint_*.pth")) == ["checkpoint_0.pth"]
     config = yaml.safe_load((out / "config.yaml").read_text())
+    assert config["paths"]["mae_weights"], "train.py ran without the preset's MAE weights"
     paths = {k: (repo / v).resolve() for k, v in config["paths"].items()}  # relative to where train.py ran
     assert paths == {"data_root": data.resolve(), "mae_weights": (repo / "mae_pretrain_vit_base.pth").resolve(),
                      "text_encoder": (repo / "BiomedVLP-CXR-BERT-specialized").resolve(), "output_dir": out.resolve()}

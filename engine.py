@@ -59,6 +59,7 @@ def train_one_epoch(
     device: torch.device,
     log_path: Path | None = None,
     last_checkpoint: str | None = None,
+    max_steps: int | None = None,
 ) -> dict[str, float]:
     """One epoch; returns the epoch means of the logged values.
 
@@ -66,12 +67,13 @@ def train_one_epoch(
     (temperature clamp); ``world_size`` the number of processes (for the samples/s figure).
     ``loader`` yields ``data.dataset.collate`` batches: their flips and HU scaling
     (``model_inputs``, window ``loader.dataset.hu_window``) run here, on ``device``.
-    The LR is set per optimiser step from ``utils.lr_sched.lr_at``.
+    The LR is set per optimiser step from ``utils.lr_sched.lr_at``. ``max_steps``: stop after that many
+    optimiser steps of this epoch (``--max-steps``).
     Raises ``FloatingPointError`` on a non-finite loss, before any update from that step.
     """
     optim_cfg, model_cfg = cfg.optim, cfg.model
     accum = optim_cfg.accum_steps
-    steps_per_epoch = len(loader) // accum
+    steps_per_epoch = len(loader) // accum if max_steps is None else min(len(loader) // accum, max_steps)
     amp = torch.autocast(device_type=device.type, dtype=torch.bfloat16) if optim_cfg.amp == "bf16" \
         else contextlib.nullcontext()
     is_ddp = isinstance(step_module, nn.parallel.DistributedDataParallel)

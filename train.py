@@ -50,7 +50,7 @@ FLAG_KEYS = {"data_root": "paths.data_root", "mae_weights": "paths.mae_weights",
              "text_encoder": "paths.text_encoder", "output_dir": "paths.output_dir",
              "amp": "optim.amp", "grad_checkpointing": "model.grad_checkpointing",
              "accum_steps": "optim.accum_steps", "epochs": "optim.epochs",
-             "batch_size": "optim.batch_size", "workers": "data.workers"}
+             "batch_size": "optim.batch_size", "workers": "data.workers", "max_steps": "optim.max_steps"}
 
 
 class SetupError(UsageError, RuntimeError):
@@ -71,13 +71,15 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int)
     p.add_argument("--batch-size", dest="batch_size", type=int, help="per process")
     p.add_argument("--workers", type=int, help="DataLoader workers per process")
+    p.add_argument("--max-steps", dest="max_steps", type=int,
+                   help="stop after N optimiser steps in all and save that epoch's checkpoint (smoke test)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. optim.lr=5e-5")
     return p
 
 
 def resolve_config(args: argparse.Namespace) -> Preset:
     flags = given_flags(args, FLAG_KEYS)
-    if str(args.mae_weights).lower() == "none":
+    if args.mae_weights is not None and args.mae_weights.lower() == "none":  # absent flag: the preset's path
         flags["paths.mae_weights"] = None
     return load_preset(args.config, args.overrides, flags=flags)
 
@@ -227,12 +229,17 @@ def _train_in(out_dir: Path, args: argparse.Namespace, cfg: Preset, rank: int, w
     if is_main_process():  # only now: a run that fails to start leaves no config behind
         save_config(cfg.to_dict(), out_dir)
     last = str(resume_from) if resume_from else None
-    for epoch in range(start_epoch, optim_cfg.epochs):
+    steps_per_epoch, max_steps = len(loader) // optim_cfg.accum_steps, optim_cfg.max_steps
+    end_epoch = optim_cfg.epochs if max_steps is None else min(optim_cfg.epochs, -(-max_steps // steps_per_epoch))
+    if end_epoch < optim_cfg.epochs:
+        logger.info("--max-steps %d: stopping in epoch %d", max_steps, end_epoch - 1)
+    for epoch in range(start_epoch, end_epoch):
         sampler.set_epoch(epoch)
         dataset.set_epoch(epoch)
         seed_everything(int(np.random.SeedSequence([cfg.seed, rank, epoch]).generate_state(1)[0]))
         stats = train_one_epoch(step_module, model, loader, optimizer, epoch=epoch, cfg=cfg, world_size=world_size,
-                                device=device, log_path=out_dir / "log_steps.jsonl", last_checkpoint=last)
+                                device=device, log_path=out_dir / "log_steps.jsonl", last_checkpoint=last,
+                                max_steps=None if max_steps is None else max_steps - epoch * steps_per_epoch)
         if is_main_process():
             last = str(out_dir / f"checkpoint_{epoch}.pth")
             save_checkpoint(last, model=model, optimizer=optimizer, epoch=epoch,

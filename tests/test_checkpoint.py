@@ -2,14 +2,13 @@
 import json
 
 import pytest
-import timm
 import torch
 import torch.nn.functional as F
 
 from models.fvlm import FVLM
 from models.text_encoder import TextEncoderError, build_text_encoder, load_text_encoder
 from models.vit3d import VisionTransformer3D
-from tests.conftest import make_tiny_bert
+from tests.conftest import make_mae_file, make_tiny_bert
 from utils.checkpoint import (
     RELEASE_RENAMES, CheckpointError, from_release_state_dict, load_checkpoint, load_mae_into_vit,
     load_model_state, save_checkpoint, to_release_state_dict,
@@ -29,16 +28,8 @@ def _tiny_model(tmp_path, seed=0):
 # ---------------------------------------------------------------- MAE
 @pytest.fixture(scope="module")
 def mae_file(tmp_path_factory):
-    torch.manual_seed(0)
-    sd = timm.create_model("vit_base_patch16_224", pretrained=False).state_dict()
-    sd = {k: v for k, v in sd.items() if not k.startswith(("head", "fc_norm"))}
-    sd["mask_token"] = torch.zeros(1, 1, 512)
-    sd["decoder_embed.weight"] = torch.zeros(512, 768)
-    sd["decoder_pos_embed"] = torch.zeros(1, 197, 512)
-    sd["decoder_blocks.0.norm1.weight"] = torch.ones(512)
     path = tmp_path_factory.mktemp("mae") / "mae_pretrain_vit_base.pth"
-    torch.save({"model": sd}, path)
-    return path, sd
+    return path, make_mae_file(path)
 
 
 def test_mae_loading_paper_shapes(mae_file):

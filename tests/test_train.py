@@ -15,8 +15,8 @@ import yaml
 import pretrain_text
 import train
 from data.dataset import CTRateTrainDataset
-from tests.conftest import TRAIN_ANATOMIES, make_tiny_preset, make_train_bert, make_train_cache
-from utils.checkpoint import load_checkpoint
+from tests.conftest import TRAIN_ANATOMIES, make_mae_file, make_tiny_preset, make_train_bert, make_train_cache
+from utils.checkpoint import from_release_state_dict, load_checkpoint
 from utils.preset import load_preset
 
 REPO = Path(__file__).resolve().parents[1]
@@ -91,6 +91,47 @@ def test_non_finite_loss_stops_and_keeps_checkpoint(setup, monkeypatch):
     with pytest.raises(FloatingPointError, match=r"loss is nan at epoch 1.*checkpoint_0\.pth"):
         _run(cfg)
     assert (tmp / "out" / "checkpoint_0.pth").is_file() and not (tmp / "out" / "checkpoint_1.pth").exists()
+
+
+def test_preset_mae_weights_are_used_without_the_flag(setup, capsys):
+    """No --mae-weights: the preset's paths.mae_weights (issue 26: an absent flag was read as 'none' and the ViT
+    started from random weights without a word); a missing file is in the start-up check; 'none' still means none."""
+    tmp, cfg = setup
+    mae = tmp / "mae_pretrain_vit_base.pth"
+    preset = yaml.safe_load(cfg.read_text())
+    preset["paths"]["mae_weights"] = str(mae)
+    cfg.write_text(yaml.safe_dump(preset))
+    assert train.main(["--config", str(cfg), "--max-steps", "1"]) == 2
+    assert f"train: error: cannot start: MAE weights {mae} not found: set --mae-weights" in capsys.readouterr().err
+    assert not (tmp / "out").exists()
+
+    assert train.main(["--config", str(cfg), "--max-steps", "1", "--mae-weights", "none"]) == 0
+    assert yaml.safe_load((tmp / "out" / "config.yaml").read_text())["paths"]["mae_weights"] is None
+
+    sd = make_mae_file(mae, embed_dim=32, depth=3, num_heads=2, img_size=32)
+    assert train.main(["--config", str(cfg), "--max-steps", "1", "--output-dir", str(tmp / "mae")]) == 0
+    assert yaml.safe_load((tmp / "mae" / "config.yaml").read_text())["paths"]["mae_weights"] == str(mae)
+    vit = from_release_state_dict(load_checkpoint(tmp / "mae" / "checkpoint_0.pth")["model"])
+    blocks = [k for k in sd if k.startswith("blocks.")]
+    assert len(blocks) == 3 * 12
+    for k in blocks:  # one step at warmup_lr 1e-5 moves a weight by at most ~1e-5; random init: ~1e-2 away
+        torch.testing.assert_close(vit["visual_encoder." + k], sd[k], rtol=0, atol=2e-5, msg=k)
+
+
+def test_max_steps_stops_with_that_epochs_checkpoint(setup, capsys):
+    tmp, cfg = setup  # 6 scans, batch 2: 3 steps per epoch, 2 epochs
+    assert train.main(["--config", str(cfg), "--max-steps", "4"]) == 0
+    assert sorted(p.name for p in (tmp / "out").glob("checkpoint_*.pth")) == ["checkpoint_0.pth", "checkpoint_1.pth"]
+    steps = [json.loads(line) for line in (tmp / "out" / "log_steps.jsonl").read_text().splitlines()]
+    assert [(s["epoch"], s["step"]) for s in steps] == [(0, 0), (0, 1), (0, 2), (1, 0)]
+    assert load_checkpoint(tmp / "out" / "checkpoint_1.pth")["epoch"] == 1
+
+    assert train.main(["--config", str(cfg), "--output-dir", str(tmp / "one"), "optim.max_steps=1"]) == 0
+    assert [p.name for p in (tmp / "one").glob("checkpoint_*.pth")] == ["checkpoint_0.pth"]
+    assert len((tmp / "one" / "log_steps.jsonl").read_text().splitlines()) == 1
+
+    assert train.main(["--config", str(cfg), "--output-dir", str(tmp / "zero"), "--max-steps", "0"]) == 2
+    assert "optim.max_steps must be >= 1" in capsys.readouterr().err and not (tmp / "zero").exists()
 
 
 @pytest.mark.slow

@@ -56,12 +56,15 @@ class OptimConfig:
     batch_size: int
     accum_steps: int
     amp: str
+    max_steps: int | None = None  # stop after this many optimiser steps in all (smoke tests); None: every epoch
 
     def __post_init__(self) -> None:
         if self.amp not in AMP_MODES:
             raise ValueError(f"optim.amp must be one of {AMP_MODES}, got {self.amp!r}")
         if min(self.epochs, self.batch_size, self.accum_steps) < 1:
             raise ValueError("optim.epochs, optim.batch_size and optim.accum_steps must be >= 1")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ValueError(f"optim.max_steps must be >= 1 or null, got {self.max_steps}")
 
 
 @dataclass

@@ -25,7 +25,6 @@ import json
 import logging
 import shutil
 import sys
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -340,8 +339,6 @@ def _train_in(out_dir: Path, args: argparse.Namespace, cfg: Preset, rank: int, w
         step_module = torch.nn.parallel.DistributedDataParallel(
             step_module, device_ids=[device.index] if device.type == "cuda" else None,
             find_unused_parameters=True)  # anatomies without usable pairs leave their projection unused
-        # DDP says so on steps where every projection was used: expected here, nothing to act on
-        warnings.filterwarnings("ignore", message="find_unused_parameters=True was specified in DDP constructor")
     eff_batch = optim_cfg.batch_size * optim_cfg.accum_steps * world_size
     logger.info("%d scans, %d steps/epoch, effective batch %d = %d per process x %d accum x %d processes, "
                 "base lr %.2e (no batch scaling, as released)", len(dataset), len(loader) // optim_cfg.accum_steps,

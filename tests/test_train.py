@@ -119,6 +119,14 @@ def test_torchrun_two_processes(setup):
     assert (tmp / "out" / "checkpoint_0.pth").is_file()
     steps = (tmp / "out" / "log_steps.jsonl").read_text().splitlines()
     assert len(steps) == 3  # 6 scans / (1 per rank x 2 ranks), logged by rank 0 only
+    assert "torch.jit.interface" not in r.stderr
+    # every rank resumes from rank 0's checkpoint
+    cmd[cmd.index("--epochs") + 1] = "2"
+    r = subprocess.run([*cmd, "--resume"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "starting epoch 1" in r.stderr and len((tmp / "out" / "log_steps.jsonl").read_text().splitlines()) == 6
+    # one process: another global batch (1 x 1 x 1, the checkpoint's 1 x 1 x 2), refused
+    assert train.main(["--config", str(cfg), "--epochs", "3", "--batch-size", "1", "--resume"]) == 2
 
 
 def test_demo_preset_on_synthetic_pipeline(tmp_path):

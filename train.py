@@ -11,11 +11,15 @@ weights, the text-encoder directory) is checked before anything is written, and
 all problems are reported in one message. Rank 0 holds a lock on the output
 directory for the whole run: a second run on it exits 2 while the first (or any
 of its workers) is alive. A run that fails to start leaves the output directory
-as it was. A new run refuses a non-empty output directory; ``--resume`` continues from
-its latest ``checkpoint_{epoch}.pth`` (model, optimiser, epoch; the LR is a
-pure function of (epoch, step) and every RNG is re-seeded from
+as it was. A new run refuses an output directory holding a checkpoint or other files (one
+left with only the records of a run that stopped before its first checkpoint is started
+over); ``--resume`` continues from its latest ``checkpoint_{epoch}.pth`` (model, optimiser,
+epoch; the LR is a pure function of (epoch, step) and every RNG is re-seeded from
 (seed, rank, epoch) at the start of each epoch, so the resumed epochs are the
-ones an uninterrupted run would have done).
+ones an uninterrupted run would have done). Rank 0 takes the resume decision for every
+rank; it refuses another data root or global batch than the checkpoint's unless
+``--resume-changed``, and a finished run has nothing to do. ``config.yaml`` is written
+once, at the start; each checkpoint records its own config and number of processes.
 """
 from __future__ import annotations
 
@@ -118,7 +122,8 @@ def check_inputs(cfg: Preset) -> None:
         problems.append(f"text encoder {text_dir} lacks {', '.join(missing)}: set --text-encoder")
     if problems:
         raise SetupError("cannot start: " + "; ".join(problems))
-    paths.data_root, paths.text_encoder = str(root), str(text_dir)
+    # absolute: the run's record of its data, compared on --resume from wherever that is started
+    paths.data_root, paths.text_encoder = str(root.resolve()), str(text_dir)
 
 
 def _report_problems(path: Path, cfg: Preset) -> list[str]:
@@ -264,6 +269,8 @@ def train(args: argparse.Namespace) -> None:
     rank, world_size, device = init_distributed()
     setup_logging()
     cfg = resolve_config(args)
+    if args.resume_changed and not args.resume:
+        raise SetupError("--resume-changed goes with --resume")
     if args.keep_checkpoints is not None and args.keep_checkpoints < 1:
         raise SetupError(f"--keep-checkpoints {args.keep_checkpoints}: keep at least 1 (leave it out to keep all)")
     check_inputs(cfg)

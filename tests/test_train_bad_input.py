@@ -109,6 +109,8 @@ def test_resume_with_another_data_root_or_global_batch_is_refused(setup, capsys)
     assert "global batch is 3 (3 per process x 1 accum x 1 processes), the checkpoint's 2" in batch_line
     assert "--resume-changed" in root_line and "--resume-changed" in batch_line
     assert snapshot(tmp / "out") == before
+    assert run(cfg, "--epochs", "2", "--resume-changed") == 2
+    assert errors(capsys) == ["--resume-changed goes with --resume"]
     # said explicitly: it continues, config.yaml still records what the run started with
     assert run(cfg, "--resume", "--epochs", "2", "--batch-size", "3", "--resume-changed") == 0
     assert (tmp / "out" / "config.yaml").read_bytes() == before["config.yaml"][0]

@@ -282,6 +282,23 @@ def test_keep_checkpoints(setup, capsys):
     assert sorted(p.name for p in (tmp / "out").glob("checkpoint_*")) == ["checkpoint_1.pth", "checkpoint_3.pth"]
 
 
+def test_mae_initialisation_logs_counts_not_keys(setup, caplog):
+    """An MAE-format file for the tiny ViT (32 wide, 3 blocks): the log gives counts, not every key."""
+    tmp, cfg = setup
+    from models.vit3d import VisionTransformer3D
+    vit = VisionTransformer3D(img_size=(8, 16, 16), patch_size=(4, 8, 8), embed_dim=32, depth=3, num_heads=2,
+                              out_indices=(0, 1, 2))
+    sd = {k: v for k, v in vit.state_dict().items() if k.startswith(("blocks.", "norm."))}
+    sd["pos_embed"] = torch.zeros(1, 1 + 14 * 14, 32)
+    mae = tmp / "mae_pretrain_vit_base.pth"
+    torch.save({"model": sd}, mae)
+    caplog.set_level(logging.INFO)
+    assert run(cfg, "--mae-weights", str(mae), "--epochs", "1") == 0
+    assert f"MAE init from {mae}: loaded {len(sd)} tensors" in caplog.text
+    assert "blocks.0.attn.qkv.weight" not in caplog.text
+
+
+@pytest.mark.slow
 def test_importing_the_model_shows_no_timm_jit_warning():
     r = subprocess.run([sys.executable, "-W", "error::FutureWarning", "-c", "import models.vit3d"], cwd=REPO,
                        capture_output=True, text=True)

@@ -229,20 +229,6 @@ def test_output_dir_that_is_a_file(setup, capsys):
     assert (tmp / "out").read_text() == "notes"
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
-def test_read_only_output_dir(setup, capsys):
-    tmp, cfg = setup
-    (tmp / "out").mkdir()
-    (tmp / "out").chmod(0o555)
-    try:
-        assert run(cfg) == 2
-    finally:
-        (tmp / "out").chmod(0o755)
-    (line,) = errors(capsys)
-    assert f"cannot write to {tmp / 'out'}" in line
-    assert not any((tmp / "out").iterdir())
-
-
 def _can_mount_tmpfs() -> bool:
     try:
         return subprocess.run(["unshare", "-rm", "sh", "-c", "mount -t tmpfs -o size=64k tmpfs /mnt"],
@@ -267,6 +253,23 @@ def test_full_disk_while_saving_a_checkpoint(setup):
     assert sorted(lines[lines.index("rc=2") + 1:]) == [".train.lock", "config.yaml", "log.txt", "log_steps.jsonl"]
     (line,) = [x for x in r.stderr.splitlines() if x.startswith("train: error: ")]
     assert f"cannot write checkpoint {out / 'checkpoint_0.pth'}: No space left on device" in line
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _can_mount_tmpfs(), reason="needs `unshare -rm` to mount")
+def test_read_only_output_dir(setup):
+    """A read-only mount (permissions would not stop root)."""
+    tmp, cfg = setup
+    out = tmp / "out"
+    out.mkdir()
+    script = (f"mount --bind {out} {out} && mount -o remount,ro,bind {out} && "
+              f"{sys.executable} {REPO / 'train.py'} --config {cfg}; echo rc=$?")
+    r = subprocess.run(["unshare", "-rm", "sh", "-c", script], cwd=REPO, capture_output=True, text=True,
+                       env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}, timeout=600)
+    assert "rc=2" in r.stdout.split(), r.stderr[-2000:]
+    (line,) = [x for x in r.stderr.splitlines() if x.startswith("train: error: ")]
+    assert f"cannot write to {out} (Read-only file system)" in line
+    assert not any(out.iterdir())
 
 
 # ---------------------------------------------------------------------------- 26§5 retention, logs

@@ -47,6 +47,14 @@ class TrainStep(nn.Module):
         return out
 
 
+def _check_finite(loss: torch.Tensor, what: str, last_checkpoint: str | None) -> None:
+    """``FloatingPointError`` (``what`` formatted with the loss) when ``loss`` is NaN or inf."""
+    value = loss.item()
+    if not math.isfinite(value):
+        raise FloatingPointError(f"{what.format(value)}. Last good checkpoint: {last_checkpoint or 'none'} "
+                                 "(lower optim.lr, or check the inputs of those scans)")
+
+
 def train_one_epoch(
     step_module: nn.Module,
     model: nn.Module,
@@ -69,7 +77,9 @@ def train_one_epoch(
     (``model_inputs``, window ``loader.dataset.hu_window``) run here, on ``device``.
     The LR is set per optimiser step from ``utils.lr_sched.lr_at``. ``max_steps``: stop after that many
     optimiser steps of this epoch (``--max-steps``).
-    Raises ``FloatingPointError`` on a non-finite loss, before any update from that step.
+    Raises ``FloatingPointError`` on a non-finite loss, before any update from that step, and when the
+    epoch's final weights give a non-finite loss on its last batch (one forward, no update), so a
+    diverged model is never returned for saving. The temperature is clamped after every update.
     """
     optim_cfg, model_cfg = cfg.optim, cfg.model
     accum = optim_cfg.accum_steps
@@ -99,15 +109,13 @@ def train_one_epoch(
             ctx = step_module.no_sync() if (is_ddp and not sync) else contextlib.nullcontext()
             image, mask = model_inputs(batch["hu"].to(device, non_blocking=True),
                                        batch["mask"].to(device, non_blocking=True), batch["flip"], hu_window)
+            inputs = (image, mask, batch["texts"], batch["text_hash"], batch["abnormal"], batch["usable"])
             with ctx:
                 with amp:
-                    out = step_module(image, mask, batch["texts"], batch["text_hash"], batch["abnormal"], batch["usable"])
+                    out = step_module(*inputs)
                 loss = out["loss"]
-                loss_value = loss.item()
-                if not math.isfinite(loss_value):
-                    raise FloatingPointError(
-                        f"loss is {loss_value} at epoch {epoch}, step {step} (scans {batch['scan_id']}); "
-                        f"stopping without updating the weights. Last good checkpoint: {last_checkpoint or 'none'}")
+                _check_finite(loss, f"loss is {{}} at epoch {epoch}, step {step} (scans {batch['scan_id']}); "
+                              "stopping without updating the weights", last_checkpoint)
                 (loss / accum).backward()
             for k, v in out.items():
                 if k.startswith("loss") or k == "n_pairs":
@@ -116,6 +124,7 @@ def train_one_epoch(
                 continue
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+            model.clamp_temp(model_cfg.temp_min, model_cfg.temp_max)  # what the next step would use, also if saved
             t1 = time.perf_counter()
             n_samples = len(batch["scan_id"]) * accum * world_size
             step_stats.update(lr=lr, temp=model.temp.item(), samples_per_s=n_samples / (t1 - t0))
@@ -128,6 +137,13 @@ def train_one_epoch(
                 log_file.flush()
             bar.set_postfix(loss=f"{step_stats['loss']:.4f}", lr=f"{lr:.2e}", temp=f"{step_stats['temp']:.4f}")
             bar.update(1)
+        # the last update has not been through a forward yet: its weights become a checkpoint only if
+        # they give a finite loss (a blown-up update can leave huge but finite weights)
+        step_module.eval()
+        with torch.no_grad(), amp:
+            out = step_module(*inputs)
+        _check_finite(out["loss"], f"the weights after epoch {epoch} give a loss of {{}} on its last batch; "
+                      "not saving them", last_checkpoint)
     finally:
         bar.close()
         if log_file is not None:

@@ -93,7 +93,7 @@ def build_model(
         attn_drop_rate=cfg.attn_drop_rate, out_indices=cfg.out_indices, grad_checkpointing=cfg.grad_checkpointing)
     model = FVLM(vit, text_encoder, n_anatomies=n_anatomies, temp_init=cfg.temp_init)
     if mae_weights is not None:
-        logger.info("MAE init: %s", load_mae_into_vit(model.visual_encoder, mae_weights))
+        load_mae_into_vit(model.visual_encoder, mae_weights)  # it logs the counts (the key list is noise)
     if checkpoint is not None:
         load_model_state(model, load_checkpoint(checkpoint), strict=True)
         logger.info("loaded %s", checkpoint)

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from transformers import BertConfig, BertModel, BertTokenizerFast
 
+from data.io import one_line
 from utils.cli import UsageError
 
 
@@ -61,25 +62,30 @@ def _read_config(path: Path) -> BertConfig:
     return BertConfig(**fields)
 
 
+def _read_weight_file(f: Path) -> dict[str, torch.Tensor]:
+    """One safetensors or ``torch.save`` weight file; ``TextEncoderError`` when it cannot be read."""
+    try:
+        if f.name.endswith(".safetensors"):
+            from safetensors.torch import load_file
+            return load_file(str(f))
+        return torch.load(f, map_location="cpu", weights_only=True)
+    except Exception as e:  # safetensors raises its own SafetensorError, torch.load pickle/runtime errors
+        raise TextEncoderError(f"cannot read the weight file {f} ({one_line(e)[:200]}): download it again; "
+                               f"{_hint(f.parent)}") from e
+
+
 def _read_weights(path: Path) -> dict[str, torch.Tensor]:
     for name in _WEIGHT_FILES:
         f = path / name
         if f.is_file():
-            if name.endswith(".safetensors"):
-                from safetensors.torch import load_file
-                return load_file(str(f))
-            return torch.load(f, map_location="cpu", weights_only=True)
+            return _read_weight_file(f)
     for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
         index = path / index_name
         if index.is_file():
             shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
             sd: dict[str, torch.Tensor] = {}
             for shard in shards:
-                if shard.endswith(".safetensors"):
-                    from safetensors.torch import load_file
-                    sd.update(load_file(str(path / shard)))
-                else:
-                    sd.update(torch.load(path / shard, map_location="cpu", weights_only=True))
+                sd.update(_read_weight_file(path / shard))
             return sd
     raise TextEncoderError(
         f"no weight file ({' or '.join(_WEIGHT_FILES)}) in {path}; {_hint(path)}")
@@ -123,7 +129,11 @@ def load_tokenizer(path: str | Path) -> BertTokenizerFast:
     path = Path(path)
     if not (path / "vocab.txt").is_file() and not (path / "tokenizer.json").is_file():
         raise TextEncoderError(f"no vocab.txt or tokenizer.json in {path}; {_hint(path)}")
-    return BertTokenizerFast.from_pretrained(str(path), local_files_only=True)
+    try:
+        return BertTokenizerFast.from_pretrained(str(path), local_files_only=True)
+    except Exception as e:  # the tokenizers library raises a bare Exception on a malformed vocabulary
+        raise TextEncoderError(f"cannot read the tokenizer in {path} ({one_line(e)[:200]}): download vocab.txt / "
+                               f"tokenizer.json again; {_hint(path)}") from e
 
 
 def missing_parts(path: str | Path, *, weights: bool) -> list[str]:

@@ -17,13 +17,17 @@ applies to the attention weights.
 from __future__ import annotations
 
 import logging
+import warnings
 from typing import Sequence
 
 import torch
 import torch.nn.functional as F
-from timm.models.vision_transformer import Block
 from torch import nn
 from torch.utils.checkpoint import checkpoint
+
+with warnings.catch_warnings():  # timm's import uses torch.jit.interface, which torch deprecates: not ours to act on
+    warnings.filterwarnings("ignore", message=r".*torch\.jit\.interface.*", category=FutureWarning)
+    from timm.models.vision_transformer import Block
 
 logger = logging.getLogger(__name__)
 

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from data.io import atomic_output
+from data.io import atomic_output, one_line
 from models.vit3d import VisionTransformer3D, resample_pos_embed_3d
 from utils.cli import UsageError
 
@@ -31,7 +31,7 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "RELEASE_RENAMES", "CheckpointError", "to_release_state_dict", "from_release_state_dict",
     "filter_state_dict", "load_model_state", "load_mae_into_vit", "save_checkpoint", "load_checkpoint",
-    "resample_pos_embed_3d",
+    "list_checkpoints", "latest_checkpoint", "resample_pos_embed_3d",
 ]
 
 RELEASE_RENAMES: tuple[tuple[str, str], ...] = (
@@ -177,7 +177,8 @@ def load_mae_into_vit(vit: VisionTransformer3D, path: str | Path) -> dict[str, A
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as e:
-        raise CheckpointError(f"cannot read MAE weights {path}: {e}") from e
+        raise CheckpointError(f"cannot read MAE weights {path} (not a PyTorch weight file?): "
+                              f"{one_line(e)[:200]}; set --mae-weights to mae_pretrain_vit_base.pth") from e
     if not isinstance(ckpt, Mapping):
         raise CheckpointError(f"{path}: expected a dict with key 'model', got {type(ckpt).__name__}")
     sd = ckpt.get("model", ckpt)
@@ -233,8 +234,15 @@ def save_checkpoint(
         "config": dict(config) if config is not None else None,
     }
     payload.update(extra or {})
-    with atomic_output(path) as tmp:
-        torch.save(payload, tmp)
+    try:
+        # through a Python file, so a failed write keeps its OS error (torch's own writer reports a bare
+        # "unexpected pos" on a full disk)
+        with atomic_output(path) as tmp, open(tmp, "wb") as f:
+            torch.save(payload, f)
+    except OSError as e:
+        raise CheckpointError(f"cannot write checkpoint {path}: {e.strerror or e}; nothing was saved for this "
+                              "epoch (the earlier checkpoints are intact): free space or fix the output "
+                              "directory, then rerun with --resume") from e
     return path
 
 
@@ -253,8 +261,14 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"cannot load {path} with weights_only=True: {detail}") from e
 
 
-def latest_checkpoint(output_dir: str | Path) -> Path | None:
-    """``checkpoint_{N}.pth`` with the largest N in ``output_dir`` (None when there is none)."""
+def list_checkpoints(output_dir: str | Path) -> list[Path]:
+    """The ``checkpoint_{N}.pth`` files in ``output_dir``, by increasing N."""
     found = [(int(m.group(1)), p) for p in Path(output_dir).glob("checkpoint_*.pth")
              if (m := re.fullmatch(r"checkpoint_(\d+)\.pth", p.name))]
-    return max(found)[1] if found else None
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(output_dir: str | Path) -> Path | None:
+    """``checkpoint_{N}.pth`` with the largest N in ``output_dir`` (None when there is none)."""
+    found = list_checkpoints(output_dir)
+    return found[-1] if found else None

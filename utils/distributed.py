@@ -65,6 +65,25 @@ def all_reduce_mean(value: float) -> float:
     return t.item() / get_world_size()
 
 
+def broadcast_from_main(obj: object) -> object:
+    """Rank 0's ``obj`` on every rank (picklable; ``obj`` itself on a single process)."""
+    if not is_dist():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def first_error_on_any_rank(message: str | None) -> str | None:
+    """The lowest rank's error message, on every rank (None when no rank has one): every rank stops
+    together instead of the others waiting for the failed one."""
+    if not is_dist():
+        return message
+    messages: list[str | None] = [None] * get_world_size()
+    dist.all_gather_object(messages, message)
+    return next((m for m in messages if m is not None), None)
+
+
 class _RankFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         rank = get_rank() if is_dist() else int(os.environ.get("RANK", 0))

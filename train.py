@@ -204,7 +204,7 @@ def _train_in(out_dir: Path, args: argparse.Namespace, cfg: Preset, rank: int, w
     start_epoch = 0
     if resume_from is not None:
         ckpt = load_checkpoint(resume_from)
-        load_model_state(model, ckpt["model"], strict=True)
+        load_model_state(model, ckpt["model"], strict=True, source=resume_from)
         optimizer.load_state_dict(ckpt["optimizer"])
         start_epoch = int(ckpt["epoch"]) + 1
         logger.info("resumed from %s: starting epoch %d", resume_from, start_epoch)

@@ -414,13 +414,14 @@ def test_width_mismatch_hint_names_the_model_size_not_the_crop():
     import torch
     from torch import nn
 
-    from utils.checkpoint import CheckpointError, filter_state_dict
+    from utils.checkpoint import CheckpointError, ModelMismatchError, filter_state_dict, load_model_state
     model = nn.Module()
     model.visual_encoder = nn.Module()
     model.visual_encoder.pos_embed = nn.Parameter(torch.zeros(1, 8, 32))
-    with pytest.raises(CheckpointError, match=r"width \(embed_dim 64\) is not the model's \(32\)") as info:
-        filter_state_dict({"visual_encoder.pos_embed": torch.zeros(1, 8, 64)}, model)
-    assert "crop" not in str(info.value)
+    with pytest.raises(ModelMismatchError, match=r"ViT is 64 wide, 0 blocks, mlp_ratio \?; the model built is 32 wide"
+                       ) as info:
+        load_model_state(model, {"visual_encoder.pos_embed": torch.zeros(1, 8, 64)})
+    assert "crop" not in str(info.value) and "--config" in str(info.value)
     with pytest.raises(CheckpointError, match="crop size and patch size"):
         filter_state_dict({"visual_encoder.pos_embed": torch.zeros(1, 6, 32)}, model)
 

@@ -35,6 +35,7 @@ from utils.metrics import (
     bootstrap_ci,
     compute_metrics_logged,
     format_report,
+    metrics_paths,
     plot_roc,
     read_labels,
     read_predictions,
@@ -60,15 +61,6 @@ def get_args_parser() -> argparse.ArgumentParser:
     return p
 
 
-def output_paths(csv_file: Path) -> dict[str, Path]:
-    stem = csv_file.with_suffix("")
-    return {
-        "csv": stem.with_name(stem.name + "_metrics.csv"),
-        "md": stem.with_name(stem.name + "_metrics.md"),
-        "png": stem.with_name(stem.name + "_roc.png"),
-    }
-
-
 def run(csv_file: Path, labels_path: Path, *, bootstrap: int = 0, seed: int = 0, labels_map: Path | None = None):
     """Compute, print and save the report; returns it as a DataFrame."""
     predictions = read_predictions(csv_file)
@@ -83,7 +75,7 @@ def run(csv_file: Path, labels_path: Path, *, bootstrap: int = 0, seed: int = 0,
     if bootstrap:
         low, high = bootstrap_ci(table, bootstrap, seed=seed)
         report = add_ci(report, low, high)
-    paths = output_paths(csv_file)
+    paths = metrics_paths(csv_file)
     title = f"Zero-shot metrics of `{csv_file.name}` ({len(table.file_names)} volumes, labels `{labels_path}`"
     title += f", 95% bootstrap CIs from {bootstrap} resamples, seed {seed})" if bootstrap else ")"
     write_table(paths["csv"], report.to_csv(index=False), title + "\n\n" + format_report(report, markdown=True))

@@ -3,8 +3,8 @@
     python predict.py --image scan.nii.gz --checkpoint CKPT [--mask seg.nii.gz] [--config configs/ctrate.yaml]
                       [--items ITEMS.yaml] [--text-encoder DIR] [--json]
 
-Input: any 3D image SimpleITK reads (NIfTI, NRRD, MHA, ...) holding HU, with any spacing and
-orientation; its header geometry is trusted (unlike CT-RATE's raw files, whose geometry
+Input: any 3D image SimpleITK reads (NIfTI, NRRD, MHA, ...) or a folder holding one DICOM series (read
+as ``data.import_ct`` reads it), holding HU, with any spacing and orientation; its header geometry is trusted (unlike CT-RATE's raw files, whose geometry
 comes from the metadata CSV -- fix such a file with data/fix_data.py first).
 
 Steps, the same functions as the data pipeline and eval.py:
@@ -42,6 +42,7 @@ import torch
 from data.common import PipelineConfig
 from data.io import scale_hu
 from data.fix_data import read_sitk
+from data.import_ct import read_source
 from data.generate_mask import (check_labels, check_same_geometry, check_totalseg_weights, disable_usage_stats,
                                 segment_case, total_class_ids)
 from data.preprocess import crop_pad_case
@@ -59,7 +60,8 @@ FLAG_KEYS = {"text_encoder": "paths.text_encoder", "items": "zeroshot_items"}
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser("fVLM zero-shot prediction for one CT", add_help=False)
-    p.add_argument("--image", type=Path, required=True, help="CT volume in HU (any spacing/orientation)")
+    p.add_argument("--image", type=Path, required=True,
+                   help="CT volume in HU (any spacing/orientation): a NIfTI/NRRD/MHA file or a DICOM series folder")
     p.add_argument("--checkpoint", type=Path, required=True, help="our checkpoint or the released fVLM weights")
     p.add_argument("--mask", type=Path, help="TotalSegmentator `total` label map of --image (default: run it)")
     p.add_argument("--config", default="configs/ctrate.yaml", help="training preset of the checkpoint")
@@ -74,8 +76,8 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def segment(image: sitk.Image, *, fast: bool, device: torch.device) -> sitk.Image:
-    """TotalSegmentator ``total`` labels of ``image`` (the full task, as the release) via data.generate_mask."""
-    check_totalseg_weights(fast=fast, roi_subset=False)
+    """TotalSegmentator ``total`` labels of ``image`` (the full task, as the release) via data.generate_mask;
+    its weights were checked by ``predict`` before the model was loaded."""
     disable_usage_stats()
     with tempfile.TemporaryDirectory(prefix="fvlm_predict_") as tmp:
         src, dst = Path(tmp) / "image.nii.gz", Path(tmp) / "labels.nii.gz"
@@ -103,14 +105,15 @@ def prepare_case(image: sitk.Image, labels: sitk.Image, pipe: PipelineConfig) ->
 def predict(args: argparse.Namespace) -> tuple[list[ZeroShotItem], dict[str, float]]:
     cfg = load_preset(args.config, args.overrides, flags=given_flags(args, FLAG_KEYS))
     pipe = cfg.pipeline
-    roi, items = load_items(cfg.zeroshot_items)
+    roi, items = load_items(cfg.zeroshot_items, pipe.anatomy_names)
     device = torch.device(args.device)
+    # every input before the model, which takes long to load
+    image = read_source(args.image)
+    mask = read_sitk(args.mask, "mask") if args.mask is not None else None
+    if mask is None:
+        check_totalseg_weights(fast=args.fast, roi_subset=False)
     model, tokenizer = load_eval_model(cfg, args.checkpoint, device)
-    image = read_sitk(args.image, "image")
-    if args.mask is not None:
-        labels = read_sitk(args.mask, "mask")
-    else:
-        labels = segment(sitk.DICOMOrient(image, ORIENTATION), fast=args.fast, device=device)
+    labels = mask if mask is not None else segment(sitk.DICOMOrient(image, ORIENTATION), fast=args.fast, device=device)
     hu, anatomy = prepare_case(image, labels, pipe)
     logger.info("processed volume %s (D, H, W); anatomies present: %s", hu.shape,
                 [pipe.anatomy_names[i - 1] for i in np.unique(anatomy) if i])

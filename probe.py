@@ -89,7 +89,7 @@ def run(args: argparse.Namespace) -> pd.DataFrame:
         y = y.astype(np.int64)
         if train is None:
             p = cross_validated_probs(x, y, [patient_id_of(n) for n in emb.names], folds=args.folds, c=args.c,
-                                      seed=args.seed)
+                                      seed=args.seed, name=item.abnormality)
         else:
             p = np.full(len(y), np.nan)
             p[~train] = fit_predict(x[train], y[train], x[~train], c=args.c, seed=args.seed)

@@ -84,6 +84,13 @@ class ScoringTable:
     labels: np.ndarray  # (N, K) int64 in {0, 1}
 
 
+def metrics_paths(csv_file: Path) -> dict[str, Path]:
+    """What calc_metrics.py writes beside a prediction CSV: ``<stem>_metrics.csv``, ``_metrics.md``, ``_roc.png``."""
+    stem = Path(csv_file).with_suffix("")
+    return {"csv": stem.with_name(stem.name + "_metrics.csv"), "md": stem.with_name(stem.name + "_metrics.md"),
+            "png": stem.with_name(stem.name + "_roc.png")}
+
+
 def abnormality_of(column: str) -> str:
     """``"lung_Lung nodule_Not Nodule._Nodule."`` -> ``"Lung nodule"``."""
     parts = column.split("_")

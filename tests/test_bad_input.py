@@ -401,7 +401,7 @@ def test_calc_metrics_rejects_infinite_or_out_of_range_probabilities(tmp_path, c
 
 def test_calc_metrics_reports_empty_cells_and_what_the_csv_lacks(tmp_path, caplog):
     import calc_metrics
-    pred, labels = _metrics_inputs(tmp_path, ["0.2", "", "0.7", "nan"])
+    pred, labels = _metrics_inputs(tmp_path, ["0.2", "", "0.7", ""])
     caplog.set_level("INFO")
     assert calc_metrics.main(["--csv_file", str(pred), "--labels", str(labels)]) == 0
     warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]

@@ -204,3 +204,63 @@ def test_probe_with_fewer_volumes_per_class_than_folds_is_one_line(tmp_path, cap
     assert errors(capsys) == ["probe: error: Emphysema: 5 folds need at least 5 volumes of one class, got 3 negative "
                               "and 3 positive (lower --folds)"]
     assert not list(tmp_path.glob("emb_probe*"))
+
+
+# ---------------------------------------------------------------------------- prediction, label and feature files
+
+def test_calc_metrics_refuses_nan_text_and_names_the_lines(tmp_path, capsys):
+    """Issue 30 #3: eval marks an absent anatomy with an empty cell; 'nan' is a diverged model, never scored 0."""
+    import calc_metrics
+    from tests.test_bad_input import _metrics_inputs
+
+    pred, labels = _metrics_inputs(tmp_path, ["0.2", "", "nan", "NaN"])
+    assert calc_metrics.main(["--csv_file", str(pred), "--labels", str(labels)]) == 2
+    assert errors(capsys) == [
+        f"calc_metrics: error: prediction CSV {pred} holds 2 NaN probabilities (not empty cells, which mark an absent "
+        "anatomy) on lines 4, 5, e.g. valid_3_a_1.nii.gz: the model's outputs are not numbers; re-run eval.py"]
+    assert not list(tmp_path.glob("pred_*"))
+
+
+def test_calc_metrics_refuses_a_volume_listed_twice(tmp_path, capsys):
+    """Issue 30 #9: a repeated row was scored as one more volume (the mean AUC moved)."""
+    import calc_metrics
+    from tests.test_bad_input import _metrics_inputs
+
+    pred, labels = _metrics_inputs(tmp_path, ["0.2", "0.4", "0.7", "0.1"])
+    lines = pred.read_text().splitlines()
+    pred.write_text("\n".join([*lines, lines[2]]) + "\n")  # valid_2 again, as line 6
+    assert calc_metrics.main(["--csv_file", str(pred), "--labels", str(labels)]) == 2
+    assert errors(capsys) == [f"calc_metrics: error: prediction CSV {pred} lists 1 volume(s) more than once, e.g. "
+                              "valid_2_a_1.nii.gz on lines 3, 6: keep one row per volume"]
+    assert not list(tmp_path.glob("pred_*"))
+
+
+def test_labels_disagreeing_for_one_volume_are_an_error(tmp_path, capsys):
+    import calc_metrics
+    from tests.test_bad_input import _metrics_inputs
+
+    pred, labels = _metrics_inputs(tmp_path, ["0.2", "0.4", "0.7", "0.1"])
+    rows = labels.read_text().splitlines()
+    same, other = rows[1], rows[1].replace(",0", ",1")
+    labels.write_text("\n".join([*rows, same]) + "\n")  # the same row twice: used once, with a warning
+    assert calc_metrics.main(["--csv_file", str(pred), "--labels", str(labels)]) == 0
+    labels.write_text("\n".join([*rows, other]) + "\n")
+    capsys.readouterr()
+    assert calc_metrics.main(["--csv_file", str(pred), "--labels", str(labels)]) == 2
+    assert errors(capsys) == [f"calc_metrics: error: labels CSV {labels} gives valid_1_a_1.nii.gz different labels "
+                              f"on lines 2, {len(rows) + 1}: keep one row per volume"]
+
+
+def test_probe_refuses_embeddings_listing_a_volume_twice(tmp_path, capsys):
+    import probe
+    from utils.embeddings import ImageEmbeddings
+
+    names = ["valid_1_a_1.nii.gz", "valid_2_a_1.nii.gz", "valid_1_a_1.nii.gz"]
+    feats = np.zeros((3, 4, 8), np.float32)
+    ImageEmbeddings(names, ["lung", "heart", "esophagus", "aorta"], feats, feats, np.ones((3, 4), bool), "test"
+                    ).save(tmp_path / "emb.npz")
+    (tmp_path / "labels.csv").write_text("VolumeName,Emphysema\nvalid_1_a_1.nii.gz,1\nvalid_2_a_1.nii.gz,0\n")
+    assert probe.main(["--embeddings", str(tmp_path / "emb.npz"), "--labels", str(tmp_path / "labels.csv")]) == 2
+    assert errors(capsys) == [f"probe: error: {tmp_path / 'emb.npz'} holds 1 volume(s) more than once, e.g. "
+                              "valid_1_a_1.nii.gz (rows 0, 2 of 'names'): embed them again with embed.py --overwrite"]
+    assert not list(tmp_path.glob("emb_probe*"))

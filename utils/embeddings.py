@@ -65,10 +65,20 @@ class ImageEmbeddings:
             raise EmbeddingsFileError(f"embeddings file not found: {path} (set --embeddings; embed.py writes it)")
         try:
             with np.load(path) as z:
-                return cls([str(n) for n in z["names"]], [str(a) for a in z["anatomies"]], z["projected"],
+                emb = cls([str(n) for n in z["names"]], [str(a) for a in z["anatomies"]], z["projected"],
                            z["pooled"], z["present"].astype(bool), str(z["source"]))
         except (OSError, KeyError, ValueError, EOFError) as exc:
             raise EmbeddingsFileError(f"not an embeddings file of embed.py: {path} ({exc})") from None
+        rows: dict[str, list[int]] = {}
+        for i, name in enumerate(emb.names):
+            rows.setdefault(name, []).append(i)
+        repeated = {name: at for name, at in rows.items() if len(at) > 1}
+        if repeated:
+            first, at = next(iter(repeated.items()))
+            raise EmbeddingsFileError(f"{path} holds {len(repeated)} volume(s) more than once, e.g. {first} "
+                                      f"(rows {', '.join(map(str, at))} of 'names'): embed them again with "
+                                      "embed.py --overwrite")
+        return emb
 
     def select(self, names: Sequence[str]) -> "ImageEmbeddings":
         index = {n: i for i, n in enumerate(self.names)}

@@ -8,7 +8,8 @@ Writes ``--output`` (default ``res/embed_<checkpoint stem>_<split>.npz``): ``nam
 ``pooled`` (N, A, C: the same before the anatomy's projection), ``present`` (N, A) and
 ``checkpoint``; absent anatomies are NaN. Read it with ``numpy.load``. Resumable: a killed run
 continues from its ``.partial-`` file (every ``--save-every`` volumes); a finished file is
-reused unless ``--overwrite``. ``--volumes LIST`` embeds only the VolumeNames of a text file.
+reused unless ``--overwrite`` or its inputs changed (the checkpoint's or a volume's size or mtime, the data root,
+the window): the log says "reused" or "wrote". ``--volumes LIST`` embeds only the VolumeNames of a text file.
 Exit status: 0 = all embedded, 1 = some volume unreadable (``<stem>_failures.csv``), 2 = not started.
 """
 from __future__ import annotations
@@ -57,13 +58,13 @@ def run(args: argparse.Namespace) -> int:
     if args.overwrite:
         output.unlink(missing_ok=True)
         partial_path(output).unlink(missing_ok=True)
-    emb, failures = compute_image_embeddings(s.extractor, volumes, output, source=s.source,
-                                             save_every=args.save_every, progress=args.pbar)
+    emb, failures, computed = compute_image_embeddings(s.extractor, volumes, output, source=s.source,
+                                                       save_every=args.save_every, progress=args.pbar)
     failures_csv = output.with_name(output.stem + "_failures.csv")
     write_case_csv(failures_csv, failures)
-    logger.info("wrote %s: %d volumes x %d anatomies, projected %d, pooled %d; %d failed (%s)", output,
-                len(emb.names), len(emb.anatomies), emb.projected.shape[-1], emb.pooled.shape[-1], len(failures),
-                failures_csv)
+    logger.info("%s %s: %d volumes x %d anatomies (%d computed now), projected %d, pooled %d; %d failed (%s)",
+                "wrote" if computed else "reused", output, len(emb.names), len(emb.anatomies), computed,
+                emb.projected.shape[-1], emb.pooled.shape[-1], len(failures), failures_csv)
     return 1 if failures else 0
 
 

@@ -14,7 +14,9 @@ Texts (``--texts``):
 
 Image features come from ``--embeddings`` (default ``res/embed_<checkpoint>_<split>.npz``), the
 file embed.py writes; it is computed (resumably) when missing, and reused afterwards. Text
-features are cached beside it (``..._texts_<kind>.npz``).
+features are cached beside it (``..._texts_<kind>.npz``). Both caches are keyed by content: the checkpoint's
+size and mtime, each volume's image and mask, the report JSONs or reports CSV; what changed is computed again,
+and the log says "reused" or "wrote".
 Writes ``--output`` (default ``res/retrieval_<checkpoint>_<split>_<texts>.csv``) and a ``.md``
 twin; prints the table with chance level in brackets, overall and per anatomy.
 Exit status: 0 on success, 2 when it could not start.
@@ -30,8 +32,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from data.io import atomic_output, write_table
-from data.texts import load_report_json
+from data.io import atomic_output, file_fingerprint, write_table
+from data.texts import REPORT_JSONS, load_report_json
 from data.common import REPORT_FILES, scan_id_of
 from utils.cli import run_main
 from utils.embeddings import (
@@ -70,16 +72,18 @@ def report_texts(path: Path, names: list[str]) -> list[str | None]:
 def text_features(s, names: list[str], kind: str, reports: Path, cache: Path, progress: bool
                   ) -> tuple[np.ndarray, np.ndarray]:
     """(features (M, A', E), present (M, A')) of the reports of ``names``; cached in ``cache``."""
-    key = f"{s.source} texts {kind} {reports if kind == 'report' else s.data_root.resolve()}"
+    sources = [reports] if kind == "report" else [s.data_root / name for name in REPORT_JSONS]
+    # the files' size and mtime: changed reports or anatomy texts are encoded again
+    key = f"{s.source} texts {kind} " + " ".join(f"{p.resolve()} {f}" for p, f in zip(sources, file_fingerprint(sources)))
     if cache.is_file():
         with np.load(cache) as z:
             if str(z["source"]) == key and [str(n) for n in z["names"]] == names:
+                logger.info("reused text features %s", cache)
                 return z["features"], z["present"]
     max_length = s.cfg.model.text_max_length
     encode = lambda batch: s.model.encode_texts(batch, s.tokenizer, max_length, device=s.device)  # noqa: E731
     if kind == "anatomy":
-        per_volume = anatomy_texts(names, s.anatomies, load_report_json(s.data_root / "desc_info.json"),
-                                   load_report_json(s.data_root / "conc_info.json"))
+        per_volume = anatomy_texts(names, s.anatomies, *(load_report_json(p) for p in sources))
         width = len(s.anatomies)
     else:
         per_volume = [None if t is None else [t] for t in report_texts(reports, names)]
@@ -93,6 +97,7 @@ def text_features(s, names: list[str], kind: str, reports: Path, cache: Path, pr
     present[rows] = True
     with atomic_output(cache) as tmp, open(tmp, "wb") as f:
         np.savez(f, names=np.asarray(names, dtype=str), features=out, present=present, source=np.asarray(key))
+    logger.info("wrote text features %s", cache)
     return out, present
 
 
@@ -107,8 +112,10 @@ def run(args: argparse.Namespace) -> pd.DataFrame:
     s = setup_features(args)
     stem = f"{s.checkpoint.stem}_{args.split}"
     emb_path = args.embeddings or Path("res") / f"embed_{stem}.npz"
-    emb, failures = compute_image_embeddings(s.extractor, s.volumes, emb_path, source=s.source,
-                                             progress=args.pbar)
+    emb, failures, computed = compute_image_embeddings(s.extractor, s.volumes, emb_path, source=s.source,
+                                                       progress=args.pbar)
+    logger.info("%s image features %s (%d volumes computed now)", "wrote" if computed else "reused", emb_path,
+                computed)
     for name, reason in failures:
         logger.warning("left out %s: %s", name, reason)
     reports = args.reports or s.data_root / REPORT_FILES.get(args.split, f"radiology_text_reports/{args.split}_reports.csv")

@@ -3,10 +3,12 @@ error, the exit status and what is on disk checked."""
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 import yaml
@@ -193,10 +195,9 @@ def test_probe_with_fewer_volumes_per_class_than_folds_is_one_line(tmp_path, cap
     names = [f"valid_{i}_a_1.nii.gz" for i in range(1, 7)]
     rng = np.random.default_rng(0)
     ImageEmbeddings(names, ["lung", "heart", "esophagus", "aorta"], rng.standard_normal((6, 4, 8)).astype(np.float32),
-                    rng.standard_normal((6, 4, 8)).astype(np.float32), np.ones((6, 4), bool), "test"
-                    ).save(tmp_path / "emb.npz")
+                    rng.standard_normal((6, 4, 8)).astype(np.float32), np.ones((6, 4), bool), "test",
+                    np.zeros((6, 4), np.int64)).save(tmp_path / "emb.npz")
     labels = {"VolumeName": names, **{c: [1, 1, 1, 0, 0, 0] for c in LABEL_COLUMNS}}
-    import pandas as pd
     pd.DataFrame(labels).to_csv(tmp_path / "labels.csv", index=False)
     assert probe.main(["--embeddings", str(tmp_path / "emb.npz"), "--labels", str(tmp_path / "labels.csv"),
                        "--items", str(Path(__file__).resolve().parents[1] / "configs" / "zeroshot_items.yaml"),
@@ -257,10 +258,86 @@ def test_probe_refuses_embeddings_listing_a_volume_twice(tmp_path, capsys):
 
     names = ["valid_1_a_1.nii.gz", "valid_2_a_1.nii.gz", "valid_1_a_1.nii.gz"]
     feats = np.zeros((3, 4, 8), np.float32)
-    ImageEmbeddings(names, ["lung", "heart", "esophagus", "aorta"], feats, feats, np.ones((3, 4), bool), "test"
-                    ).save(tmp_path / "emb.npz")
+    ImageEmbeddings(names, ["lung", "heart", "esophagus", "aorta"], feats, feats, np.ones((3, 4), bool), "test",
+                    np.zeros((3, 4), np.int64)).save(tmp_path / "emb.npz")
     (tmp_path / "labels.csv").write_text("VolumeName,Emphysema\nvalid_1_a_1.nii.gz,1\nvalid_2_a_1.nii.gz,0\n")
     assert probe.main(["--embeddings", str(tmp_path / "emb.npz"), "--labels", str(tmp_path / "labels.csv")]) == 2
     assert errors(capsys) == [f"probe: error: {tmp_path / 'emb.npz'} holds 1 volume(s) more than once, e.g. "
                               "valid_1_a_1.nii.gz (rows 0, 2 of 'names'): embed them again with embed.py --overwrite"]
     assert not list(tmp_path.glob("emb_probe*"))
+
+
+# ---------------------------------------------------------------------------- caches keyed by content (30 #7)
+
+def _embed_log(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name in ("embed", "retrieval")]
+
+
+def test_embed_and_retrieval_caches_follow_the_content_of_their_inputs(eval_setup, tmp_path, monkeypatch, caplog):
+    """New weights at the same checkpoint path, a changed volume, changed report JSONs: recomputed; unchanged
+    inputs: reused, and the log says which."""
+    import embed
+    import retrieval
+    from tests.conftest import write_cache_case
+    from tests.test_eval import _fake_case
+    from utils.embeddings import ImageEmbeddings
+
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(eval_setup / "run", tmp_path / "run")
+    shutil.copytree(eval_setup / "data", tmp_path / "data")
+    scans = ["valid_1_a", "valid_2_a", "valid_10_a"]
+    anatomy_json = {s: {a: f"{a} of {s} is normal." for a in ("lung", "heart", "esophagus", "aorta")} for s in scans}
+    for name in ("desc_info.json", "conc_info.json"):
+        (tmp_path / "data" / name).write_text(json.dumps(anatomy_json))
+    ckpt = tmp_path / "run" / "checkpoint_3.pth"
+    args = ["--config", str(eval_setup / "preset.yaml"), "--items", str(eval_setup / "items.yaml"), "--no-pbar",
+            "--checkpoint", str(ckpt), "--data-root", str(tmp_path / "data")]
+    out = tmp_path / "res" / "embed_checkpoint_3_valid.npz"
+    caplog.set_level("INFO")
+
+    assert embed.main(args) == 0
+    assert _embed_log(caplog)[-1].startswith(f"wrote {Path('res') / out.name}: 3 volumes x 4 anatomies (3 computed")
+    first, stamp = ImageEmbeddings.load(out), out.stat().st_mtime_ns
+    caplog.clear()
+    assert embed.main(args) == 0
+    assert _embed_log(caplog)[-1].startswith(f"reused {Path('res') / out.name}: 3 volumes x 4 anatomies (0 computed")
+    assert out.stat().st_mtime_ns == stamp
+
+    # new weights saved at the same path
+    state = torch.load(ckpt, weights_only=True)
+    state["model"]["query_tokens"] += 1.0
+    torch.save(state, ckpt)
+    caplog.clear()
+    assert embed.main(args) == 0
+    assert "(3 computed now)" in _embed_log(caplog)[-1]
+    second = ImageEmbeddings.load(out)
+    assert not np.allclose(np.nan_to_num(second.pooled), np.nan_to_num(first.pooled))
+
+    # one volume re-preprocessed: only it is computed again
+    write_cache_case(tmp_path / "data", "valid", "valid_2_a_1.nii.gz", *_fake_case(7, False))
+    caplog.clear()
+    assert embed.main(args) == 0
+    assert "(1 computed now)" in _embed_log(caplog)[-1]
+
+    # retrieval: text features are reused until the anatomy texts change
+    caplog.clear()
+    assert retrieval.main(args) == 0
+    assert "wrote text features" in " ".join(_embed_log(caplog)) and "reused image features" in " ".join(
+        _embed_log(caplog))
+    caplog.clear()
+    assert retrieval.main(args) == 0
+    assert "reused text features" in " ".join(_embed_log(caplog))
+    anatomy_json["valid_1_a"]["lung"] = "emphysema in the lung."
+    (tmp_path / "data" / "desc_info.json").write_text(json.dumps(anatomy_json))
+    caplog.clear()
+    assert retrieval.main(args) == 0
+    assert "wrote text features" in " ".join(_embed_log(caplog))
+
+
+def test_retrieval_table_prints_a_half_median_rank():
+    """26 §5: a median rank of 1.5 was printed as 2."""
+    from utils.retrieval import evaluate_both_directions, format_table
+
+    table = pd.DataFrame(evaluate_both_directions(np.array([[1.0, 0.0], [1.0, 0.0]]), ["a", "b"], ["a", "b"], "all"))
+    row = next(line for line in format_table(table).splitlines() if line.startswith("all volume->report"))
+    assert row.split()[-3] == "1.5"  # median rank, then queries and gallery

@@ -25,21 +25,7 @@ import logging
 import sys
 from pathlib import Path
 
-from data.io import write_table
-from data.labels_map import map_external_labels
-from utils.cli import run_main
-from utils.config import resolve_path
-from utils.metrics import (
-    add_ci,
-    align,
-    bootstrap_ci,
-    compute_metrics_logged,
-    format_report,
-    metrics_paths,
-    plot_roc,
-    read_labels,
-    read_predictions,
-)
+from utils.cli import run_main  # light: pandas and sklearn load after parsing
 
 logger = logging.getLogger("calc_metrics")
 
@@ -63,6 +49,11 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def run(csv_file: Path, labels_path: Path, *, bootstrap: int = 0, seed: int = 0, labels_map: Path | None = None):
     """Compute, print and save the report; returns it as a DataFrame."""
+    from data.io import write_table
+    from data.labels_map import map_external_labels
+    from utils.metrics import (add_ci, align, bootstrap_ci, compute_metrics_logged, format_report, metrics_paths,
+                               plot_roc, read_labels, read_predictions)
+
     predictions = read_predictions(csv_file)
     if labels_map is None:
         labels = read_labels(labels_path)
@@ -91,6 +82,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.bootstrap < 0:
         parser.error("--bootstrap must be >= 0")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    from utils.config import resolve_path
+
     # relative paths: from the current directory, else from the repository root (as train.py and eval.py)
     labels = resolve_path(args.labels if args.labels is not None else resolve_path(args.data_root) / LABELS_RELPATH)
     return run_main("calc_metrics", lambda: run(resolve_path(args.csv_file), labels, bootstrap=args.bootstrap,

@@ -19,18 +19,7 @@ import logging
 import sys
 from pathlib import Path
 
-import torch
-
-from data.io import write_case_csv
-from utils.cli import run_main
-from utils.embeddings import (
-    compute_image_embeddings,
-    partial_path,
-    read_name_list,
-    setup_features,
-    volume_name,
-)
-from zeroshot import ZeroShotSetupError, checkpoint_args_parser
+from utils.cli import CHECKPOINT_FLAG_KEYS, checkpoint_args_parser, preset_defaults, run_main  # light: torch and the model code load after parsing
 
 logger = logging.getLogger("embed")
 
@@ -45,6 +34,10 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
+    from data.io import write_case_csv
+    from utils.embeddings import compute_image_embeddings, partial_path, read_name_list, setup_features, volume_name
+    from zeroshot import ZeroShotSetupError
+
     s = setup_features(args)
     volumes = s.volumes
     if args.volumes is not None:
@@ -69,11 +62,15 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(parents=[get_args_parser()], description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(parents=[get_args_parser()], description=__doc__.split("\n\n")[0],
+                                     epilog=preset_defaults(CHECKPOINT_FLAG_KEYS),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     args = parser.parse_args(argv)
     if args.save_every < 1:
         parser.error("--save-every must be >= 1")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    import torch
+
     with torch.no_grad():
         return run_main("embed", lambda: run(args))
 

@@ -30,17 +30,7 @@ import logging
 import sys
 from pathlib import Path
 
-import torch
-from tqdm import tqdm
-
-from data.io import VolumeReadError, scale_hu, write_case_csv, write_json
-from utils.cli import run_main
-from utils.distributed import (destroy, gather_to_main, init_distributed, is_main_process, main_process_lock,
-                               setup_logging)
-from utils.metrics import metrics_paths
-from zeroshot import (ZeroShotScorer, check_replaceable, checkpoint_args_parser, inputs_record_path, load_eval_model,
-                      prediction_inputs, prompt_features, read_case, resolve_eval_inputs, volume_name,
-                      write_prediction_csv)
+from utils.cli import CHECKPOINT_FLAG_KEYS, checkpoint_args_parser, preset_defaults, run_main  # light: torch and the model code load after parsing
 
 logger = logging.getLogger("eval")
 
@@ -65,6 +55,14 @@ def log_empty_cells(rows: dict[str, dict[str, float]], items) -> None:
 
 def evaluate(args: argparse.Namespace, held: contextlib.ExitStack) -> int:
     """Score every volume; ``held`` keeps the output's lock until the caller's block ends."""
+    from tqdm import tqdm
+
+    from data.io import VolumeReadError, scale_hu, write_case_csv, write_json
+    from utils.distributed import gather_to_main, init_distributed, is_main_process, main_process_lock, setup_logging
+    from utils.metrics import metrics_paths
+    from zeroshot import (ZeroShotScorer, check_replaceable, inputs_record_path, load_eval_model, prediction_inputs,
+                          prompt_features, read_case, resolve_eval_inputs, volume_name, write_prediction_csv)
+
     rank, world_size, device = init_distributed()
     setup_logging()
     inputs = resolve_eval_inputs(args)
@@ -121,8 +119,13 @@ def evaluate(args: argparse.Namespace, held: contextlib.ExitStack) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser("fVLM zero-shot evaluation", parents=[get_args_parser()],
-                                     description=__doc__.split("\n\n")[0])
+                                     description=__doc__.split("\n\n")[0], epilog=preset_defaults(CHECKPOINT_FLAG_KEYS),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     args = parser.parse_args(argv)
+    import torch
+
+    from utils.distributed import destroy
+
     with torch.no_grad(), contextlib.ExitStack() as held:
         status = run_main("eval", lambda: evaluate(args, held))
     destroy()

@@ -33,23 +33,17 @@ import logging
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
-import SimpleITK as sitk
-import torch
+from utils.cli import DEFAULT_PRESET, preset_defaults, run_main  # light: torch, SimpleITK and the model code load after parsing
 
-from data.common import PipelineConfig
-from data.io import scale_hu
-from data.fix_data import read_sitk
-from data.import_ct import read_source
-from data.generate_mask import (check_labels, check_same_geometry, check_totalseg_weights, disable_usage_stats,
-                                segment_case, total_class_ids)
-from data.preprocess import crop_pad_case
-from data.resize import build_label_lut, merge_labels, resample_case
-from utils.cli import run_main
-from utils.preset import given_flags, load_preset
-from zeroshot import ZeroShotItem, ZeroShotScorer, load_eval_model, load_items, prompt_features
+if TYPE_CHECKING:
+    import numpy as np
+    import SimpleITK as sitk
+    import torch
+
+    from data.common import PipelineConfig
+    from zeroshot import ZeroShotItem
 
 logger = logging.getLogger("predict")
 
@@ -64,11 +58,10 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="CT volume in HU (any spacing/orientation): a NIfTI/NRRD/MHA file or a DICOM series folder")
     p.add_argument("--checkpoint", type=Path, required=True, help="our checkpoint or the released fVLM weights")
     p.add_argument("--mask", type=Path, help="TotalSegmentator `total` label map of --image (default: run it)")
-    p.add_argument("--config", default="configs/ctrate.yaml", help="training preset of the checkpoint")
+    p.add_argument("--config", default=DEFAULT_PRESET, help=f"training preset of the checkpoint (default: {DEFAULT_PRESET})")
     p.add_argument("--items", help="test items, prompts and roi (default: the preset's zeroshot_items)")
     p.add_argument("--text-encoder", dest="text_encoder", help="text encoder directory (default: the preset's)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                   help="torch device for the model (default: cuda when available)")
+    p.add_argument("--device", help="torch device for the model (default: cuda when available, else cpu)")
     p.add_argument("--fast", action="store_true", help="TotalSegmentator's 3 mm model")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="preset overrides")
@@ -78,6 +71,11 @@ def get_args_parser() -> argparse.ArgumentParser:
 def segment(image: sitk.Image, *, fast: bool, device: torch.device) -> sitk.Image:
     """TotalSegmentator ``total`` labels of ``image`` (the full task, as the release) via data.generate_mask;
     its weights were checked by ``predict`` before the model was loaded."""
+    import SimpleITK as sitk
+
+    from data.fix_data import read_sitk
+    from data.generate_mask import disable_usage_stats, segment_case
+
     disable_usage_stats()
     with tempfile.TemporaryDirectory(prefix="fvlm_predict_") as tmp:
         src, dst = Path(tmp) / "image.nii.gz", Path(tmp) / "labels.nii.gz"
@@ -92,6 +90,12 @@ def prepare_case(image: sitk.Image, labels: sitk.Image, pipe: PipelineConfig) ->
     ``image`` and ``labels`` (TotalSegmentator ``total`` ids) share a grid; both are reoriented
     to LPS, resampled, merged and cropped/padded by the pipeline's own functions.
     """
+    import SimpleITK as sitk
+
+    from data.generate_mask import check_labels, check_same_geometry, total_class_ids
+    from data.preprocess import crop_pad_case
+    from data.resize import build_label_lut, merge_labels, resample_case
+
     image = sitk.DICOMOrient(image, ORIENTATION)
     labels = sitk.DICOMOrient(labels, ORIENTATION)
     check_same_geometry(image, labels)
@@ -103,10 +107,21 @@ def prepare_case(image: sitk.Image, labels: sitk.Image, pipe: PipelineConfig) ->
 
 
 def predict(args: argparse.Namespace) -> tuple[list[ZeroShotItem], dict[str, float]]:
+    import numpy as np
+    import SimpleITK as sitk
+    import torch
+
+    from data.fix_data import read_sitk
+    from data.generate_mask import check_totalseg_weights
+    from data.import_ct import read_source
+    from data.io import scale_hu
+    from utils.preset import given_flags, load_preset
+    from zeroshot import ZeroShotScorer, load_eval_model, load_items, prompt_features
+
     cfg = load_preset(args.config, args.overrides, flags=given_flags(args, FLAG_KEYS))
     pipe = cfg.pipeline
     roi, items = load_items(cfg.zeroshot_items, pipe.anatomy_names)
-    device = torch.device(args.device)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     # every input before the model, which takes long to load
     image = read_source(args.image)
     mask = read_sitk(args.mask, "mask") if args.mask is not None else None
@@ -143,7 +158,8 @@ def as_json(args: argparse.Namespace, items: list[ZeroShotItem], probs: dict[str
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser("fVLM zero-shot prediction for one CT", parents=[get_args_parser()],
-                                     description=__doc__.split("\n\n")[0])
+                                     description=__doc__.split("\n\n")[0], epilog=preset_defaults(FLAG_KEYS),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.json else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
@@ -151,6 +167,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def report(args: argparse.Namespace) -> None:
+    import torch
+
     with torch.no_grad():
         items, probs = predict(args)
     if args.json:

@@ -37,7 +37,7 @@ from models.builder import build_model, text_weights_from_directory
 from models.loss import AnatomyContrastiveLoss
 from models.text_encoder import missing_parts
 from utils.checkpoint import latest_checkpoint, load_checkpoint, load_model_state, save_checkpoint
-from utils.cli import UsageError, run_main
+from utils.cli import UsageError, preset_defaults, run_main
 from utils.config import REPO_ROOT, resolve_path, save_config
 from utils.distributed import barrier, destroy, init_distributed, is_main_process, main_process_lock, setup_logging
 from utils.preset import Preset, given_flags, load_preset
@@ -244,7 +244,8 @@ def _train_in(out_dir: Path, args: argparse.Namespace, cfg: Preset, rank: int, w
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser("fVLM pre-training", parents=[get_args_parser()])
+    parser = argparse.ArgumentParser("fVLM pre-training", parents=[get_args_parser()],
+                                     epilog=preset_defaults(FLAG_KEYS), formatter_class=argparse.RawDescriptionHelpFormatter)
     args = parser.parse_args(argv)
     try:
         return run_main("train", lambda: train(args))

@@ -51,7 +51,7 @@ from models.builder import build_model
 from models.fvlm import FVLM
 from models.text_encoder import TextEncoderError
 from utils.checkpoint import CheckpointError, ModelMismatchError, latest_checkpoint
-from utils.cli import UsageError
+from utils.cli import CHECKPOINT_FLAG_KEYS, UsageError
 from utils.config import read_yaml, resolve_path
 from utils.preset import Preset, given_flags, load_preset
 
@@ -277,33 +277,9 @@ def write_prediction_csv(path: str | Path, rows: Mapping[str, Mapping[str, float
 
 
 # ---------------------------------------------------------------------------- scoring a checkpoint on a split
-# command-line flag -> preset key (the flag wins over the preset; key=value overrides win over both)
-FLAG_KEYS = {"data_root": "paths.data_root", "text_encoder": "paths.text_encoder", "output_dir": "paths.output_dir",
-             "items": "zeroshot_items"}
-
-
-def checkpoint_args_parser() -> argparse.ArgumentParser:
-    """The flags of the tools that score a checkpoint on a processed split (eval, embed, retrieval)."""
-    p = argparse.ArgumentParser(add_help=False)
-    p.add_argument("--config", default="configs/ctrate.yaml", help="training preset (model size, pipeline config)")
-    p.add_argument("--checkpoint", type=Path,
-                   help="checkpoint: ours or the released fVLM weights (default: latest checkpoint_*.pth in --output-dir)")
-    p.add_argument("--output-dir", dest="output_dir",
-                   help="training output directory searched for the default checkpoint (default: the preset's)")
-    p.add_argument("--data-root", dest="data_root",
-                   help="root holding processed_{split}_images/ and _masks/ (default: the preset's, 'data')")
-    p.add_argument("--items", help="test items, prompts and roi (default: the preset's zeroshot_items)")
-    p.add_argument("--text-encoder", dest="text_encoder",
-                   help="text encoder directory for config + vocabulary (default: the preset's)")
-    p.add_argument("--split", default="valid", help="processed split (default: valid)")
-    p.add_argument("--no-pbar", dest="pbar", action="store_false", help="no progress bar (cluster logs)")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="preset overrides, e.g. model.depth=4")
-    return p
-
-
 @dataclass
 class EvalInputs:
-    """What ``checkpoint_args_parser``'s flags resolve to; relative paths as ``utils.config.resolve_path``."""
+    """What ``utils.cli.checkpoint_args_parser``'s flags resolve to; relative paths as ``utils.config.resolve_path``."""
 
     preset: Preset
     roi: tuple[int, int, int]
@@ -315,7 +291,7 @@ class EvalInputs:
 
 def resolve_eval_inputs(args: argparse.Namespace) -> EvalInputs:
     """Preset, items, checkpoint and the split's processed volumes; ``ZeroShotSetupError`` names the flag to fix."""
-    preset = load_preset(args.config, args.overrides, flags=given_flags(args, FLAG_KEYS))
+    preset = load_preset(args.config, args.overrides, flags=given_flags(args, CHECKPOINT_FLAG_KEYS))
     roi, items = load_items(resolve_path(preset.zeroshot_items), preset.pipeline.anatomy_names)
     data_root = resolve_path(preset.paths.data_root)
     checkpoint = resolve_path(args.checkpoint) if args.checkpoint is not None else None

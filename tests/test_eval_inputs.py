@@ -341,3 +341,27 @@ def test_retrieval_table_prints_a_half_median_rank():
     table = pd.DataFrame(evaluate_both_directions(np.array([[1.0, 0.0], [1.0, 0.0]]), ["a", "b"], ["a", "b"], "all"))
     row = next(line for line in format_table(table).splitlines() if line.startswith("all volume->report"))
     assert row.split()[-3] == "1.5"  # median rank, then queries and gallery
+
+
+# ---------------------------------------------------------------------------- --help before the heavy imports (26 §5)
+
+@pytest.mark.parametrize("script", ["eval.py", "predict.py", "embed.py", "retrieval.py", "probe.py", "calc_metrics.py"])
+def test_help_is_printed_before_torch_and_the_model_code_are_imported(script):
+    import os
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    code = ("import runpy, sys\n"
+            "script = sys.argv[1]\n"
+            "sys.argv = [script, '--help']\n"
+            "try:\n"
+            "    runpy.run_path(script, run_name='__main__')\n"
+            "except SystemExit as exit:\n"
+            "    assert exit.code == 0, exit.code\n"
+            "print(sorted(m for m in ('torch', 'transformers', 'sklearn', 'pandas', 'SimpleITK') if m in sys.modules))")
+    proc = subprocess.run([sys.executable, "-c", code, script], cwd=repo, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(repo)})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.startswith("usage: ") and "(default" in proc.stdout
+    assert proc.stdout.splitlines()[-1] == "[]"

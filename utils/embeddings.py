@@ -38,7 +38,6 @@ from zeroshot import (ZeroShotScorer, ZeroShotSetupError, load_eval_model, read_
 
 logger = logging.getLogger(__name__)
 
-FEATURE_KINDS = ("projected", "pooled")
 
 
 class EmbeddingsFileError(UsageError, ValueError):
@@ -246,6 +245,7 @@ def setup_features(args: argparse.Namespace) -> FeatureSetup:
     model, tokenizer = load_eval_model(cfg, checkpoint, device)
     extractor = AnatomyFeatureExtractor(model, pipe.anatomy_names, roi, pipe.hu_window, device)
     size, mtime = file_fingerprint([checkpoint])[0]  # new weights at the same path are other features
-    source = f"{Path(checkpoint).resolve()} ({size} bytes, mtime {mtime} ns) on {Path(data_root).resolve()} roi {list(roi)}"
+    source = (f"{Path(checkpoint).resolve()} ({size} bytes, mtime {mtime} ns) on {Path(data_root).resolve()} "
+              f"roi {list(roi)}")
     return FeatureSetup(cfg, pipe.anatomy_names, Path(data_root), Path(checkpoint), volumes, extractor, model,
                         tokenizer, device, source)

@@ -25,7 +25,8 @@ import logging
 import sys
 from pathlib import Path
 
-from utils.cli import run_main  # light: pandas and sklearn load after parsing
+# only light imports here: the heavy ones come after parsing, where they are used (fast --help)
+from utils.cli import run_main
 
 logger = logging.getLogger("calc_metrics")
 

@@ -30,7 +30,8 @@ import logging
 import sys
 from pathlib import Path
 
-from utils.cli import CHECKPOINT_FLAG_KEYS, checkpoint_args_parser, preset_defaults, run_main  # light: torch and the model code load after parsing
+# only light imports here: the heavy ones come after parsing, where they are used (fast --help)
+from utils.cli import CHECKPOINT_FLAG_KEYS, checkpoint_args_parser, preset_defaults, run_main
 
 logger = logging.getLogger("eval")
 

@@ -35,7 +35,8 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from utils.cli import DEFAULT_PRESET, preset_defaults, run_main  # light: torch, SimpleITK and the model code load after parsing
+# only light imports here: the heavy ones come after parsing, where they are used (fast --help)
+from utils.cli import DEFAULT_PRESET, preset_defaults, run_main
 
 if TYPE_CHECKING:
     import numpy as np
@@ -58,7 +59,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="CT volume in HU (any spacing/orientation): a NIfTI/NRRD/MHA file or a DICOM series folder")
     p.add_argument("--checkpoint", type=Path, required=True, help="our checkpoint or the released fVLM weights")
     p.add_argument("--mask", type=Path, help="TotalSegmentator `total` label map of --image (default: run it)")
-    p.add_argument("--config", default=DEFAULT_PRESET, help=f"training preset of the checkpoint (default: {DEFAULT_PRESET})")
+    p.add_argument("--config", default=DEFAULT_PRESET,
+                   help=f"training preset of the checkpoint (default: {DEFAULT_PRESET})")
     p.add_argument("--items", help="test items, prompts and roi (default: the preset's zeroshot_items)")
     p.add_argument("--text-encoder", dest="text_encoder", help="text encoder directory (default: the preset's)")
     p.add_argument("--device", help="torch device for the model (default: cuda when available, else cpu)")

@@ -20,7 +20,8 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from utils.cli import FEATURE_KINDS, run_main  # light: numpy, sklearn and the model code load after parsing
+# only light imports here: the heavy ones come after parsing, where they are used (fast --help)
+from utils.cli import FEATURE_KINDS, run_main
 
 if TYPE_CHECKING:
     import pandas as pd

@@ -31,7 +31,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from utils.cli import CHECKPOINT_FLAG_KEYS, checkpoint_args_parser, preset_defaults, run_main  # light: torch and the model code load after parsing
+# only light imports here: the heavy ones come after parsing, where they are used (fast --help)
+from utils.cli import CHECKPOINT_FLAG_KEYS, checkpoint_args_parser, preset_defaults, run_main
 
 if TYPE_CHECKING:
     import pandas as pd

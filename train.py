@@ -245,7 +245,8 @@ def _train_in(out_dir: Path, args: argparse.Namespace, cfg: Preset, rank: int, w
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser("fVLM pre-training", parents=[get_args_parser()],
-                                     epilog=preset_defaults(FLAG_KEYS), formatter_class=argparse.RawDescriptionHelpFormatter)
+                                     epilog=preset_defaults(FLAG_KEYS),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     args = parser.parse_args(argv)
     try:
         return run_main("train", lambda: train(args))

@@ -49,7 +49,8 @@ CHECKPOINT_FLAG_KEYS = {"data_root": "paths.data_root", "text_encoder": "paths.t
 def checkpoint_args_parser() -> argparse.ArgumentParser:
     """The flags of the tools that score a checkpoint on a processed split (eval, embed, retrieval)."""
     p = argparse.ArgumentParser(add_help=False)
-    p.add_argument("--config", default=DEFAULT_PRESET, help=f"training preset (model size, pipeline config; default: {DEFAULT_PRESET})")
+    p.add_argument("--config", default=DEFAULT_PRESET,
+                   help=f"training preset (model size, pipeline config; default: {DEFAULT_PRESET})")
     p.add_argument("--checkpoint", type=Path,
                    help="checkpoint: ours or the released fVLM weights (default: latest checkpoint_*.pth in --output-dir)")
     p.add_argument("--output-dir", dest="output_dir",

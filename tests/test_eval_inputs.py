@@ -345,7 +345,8 @@ def test_retrieval_table_prints_a_half_median_rank():
 
 # ---------------------------------------------------------------------------- --help before the heavy imports (26 §5)
 
-@pytest.mark.parametrize("script", ["eval.py", "predict.py", "embed.py", "retrieval.py", "probe.py", "calc_metrics.py"])
+@pytest.mark.parametrize("script", ["eval.py", "predict.py", "embed.py", "retrieval.py", "probe.py", "calc_metrics.py",
+                                    "pretrain_text.py"])
 def test_help_is_printed_before_torch_and_the_model_code_are_imported(script):
     import os
     import subprocess

@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 # only light imports here: the heavy ones come after parsing, where they are used (fast --help)
-from utils.cli import DEFAULT_PRESET, preset_defaults, run_main
+from utils.cli import DEFAULT_PRESET, MissingInputError, preset_defaults, run_main
 
 if TYPE_CHECKING:
     import numpy as np
@@ -125,6 +125,8 @@ def predict(args: argparse.Namespace) -> tuple[list[ZeroShotItem], dict[str, flo
     roi, items = load_items(cfg.zeroshot_items, pipe.anatomy_names)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     # every input before the model, which takes long to load
+    if not args.image.exists():
+        raise MissingInputError(f"image not found: {args.image} (set --image: a CT file or a DICOM series folder)")
     image = read_source(args.image)
     mask = read_sitk(args.mask, "mask") if args.mask is not None else None
     if mask is None:

@@ -161,6 +161,9 @@ def test_predict_reads_a_dicom_series_folder_as_import_ct_does(eval_setup, tmp_p
     from_dicom = json.loads(capsys.readouterr().out)["items"]
     np.testing.assert_allclose([i["probability"] for i in from_dicom], [i["probability"] for i in from_nifti],
                                rtol=1e-6)
+    assert predict_cli.main(["--image", str(tmp_path / "gone"), *common]) == 2
+    assert errors(capsys) == [f"predict: error: image not found: {tmp_path / 'gone'} (set --image: a CT file or a "
+                              "DICOM series folder)"]
     (tmp_path / "empty").mkdir()
     assert predict_cli.main(["--image", str(tmp_path / "empty"), *common]) == 2
     assert errors(capsys) == ["predict: error: no DICOM series in folder empty"]

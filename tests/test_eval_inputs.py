@@ -369,3 +369,19 @@ def test_help_is_printed_before_torch_and_the_model_code_are_imported(script):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.startswith("usage: ") and "(default" in proc.stdout
     assert proc.stdout.splitlines()[-1] == "[]"
+
+
+def test_model_weights_are_read_alone_from_zip_and_legacy_files(tmp_path):
+    """load_model_weights maps a checkpoint (zip format) and reads its model entry only; torch's legacy format
+    cannot be mapped and is read whole; a file holding no state dict is named."""
+    from utils.checkpoint import CheckpointError, load_model_weights
+
+    payload = {"model": {"w": torch.ones(3)}, "optimizer": {"state": {0: {"exp_avg": torch.zeros(3)}}}, "epoch": 1}
+    torch.save(payload, tmp_path / "zip.pth")
+    torch.save(payload, tmp_path / "legacy.pth", _use_new_zipfile_serialization=False)
+    for name in ("zip.pth", "legacy.pth"):
+        weights = load_model_weights(tmp_path / name)
+        assert list(weights) == ["w"] and torch.equal(weights["w"], torch.ones(3))
+    torch.save([1, 2], tmp_path / "list.pth")
+    with pytest.raises(CheckpointError, match="holds a list, not a state dict"):
+        load_model_weights(tmp_path / "list.pth")

@@ -39,7 +39,7 @@ demo: $(STAMP)
 	  --resume $(DEMO_TRAIN_ARGS)
 	OMP_NUM_THREADS=1 $(VENV)/bin/torchrun --standalone --nproc_per_node=$(NPROC) eval.py \
 	  --config configs/demo.yaml --data-root $(DEMO_DATA) --text-encoder $(DEMO_TEXT) --output-dir $(DEMO_OUT) \
-	  --csv_file $(DEMO_OUT)/zeroshot_valid.csv
+	  --csv_file $(DEMO_OUT)/zeroshot_valid.csv --overwrite
 	$(PY) calc_metrics.py --csv_file $(DEMO_OUT)/zeroshot_valid.csv --data-root $(DEMO_DATA)
 
 test: $(STAMP)

@@ -25,20 +25,8 @@ import logging
 import sys
 from pathlib import Path
 
-from data.io import write_table
-from data.labels_map import map_external_labels
+# only light imports here: the heavy ones come after parsing, where they are used (fast --help)
 from utils.cli import run_main
-from utils.config import resolve_path
-from utils.metrics import (
-    add_ci,
-    align,
-    bootstrap_ci,
-    compute_metrics_logged,
-    format_report,
-    plot_roc,
-    read_labels,
-    read_predictions,
-)
 
 logger = logging.getLogger("calc_metrics")
 
@@ -60,17 +48,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     return p
 
 
-def output_paths(csv_file: Path) -> dict[str, Path]:
-    stem = csv_file.with_suffix("")
-    return {
-        "csv": stem.with_name(stem.name + "_metrics.csv"),
-        "md": stem.with_name(stem.name + "_metrics.md"),
-        "png": stem.with_name(stem.name + "_roc.png"),
-    }
-
-
 def run(csv_file: Path, labels_path: Path, *, bootstrap: int = 0, seed: int = 0, labels_map: Path | None = None):
     """Compute, print and save the report; returns it as a DataFrame."""
+    from data.io import write_table
+    from data.labels_map import map_external_labels
+    from utils.metrics import (add_ci, align, bootstrap_ci, compute_metrics_logged, format_report, metrics_paths,
+                               plot_roc, read_labels, read_predictions)
+
     predictions = read_predictions(csv_file)
     if labels_map is None:
         labels = read_labels(labels_path)
@@ -83,7 +67,7 @@ def run(csv_file: Path, labels_path: Path, *, bootstrap: int = 0, seed: int = 0,
     if bootstrap:
         low, high = bootstrap_ci(table, bootstrap, seed=seed)
         report = add_ci(report, low, high)
-    paths = output_paths(csv_file)
+    paths = metrics_paths(csv_file)
     title = f"Zero-shot metrics of `{csv_file.name}` ({len(table.file_names)} volumes, labels `{labels_path}`"
     title += f", 95% bootstrap CIs from {bootstrap} resamples, seed {seed})" if bootstrap else ")"
     write_table(paths["csv"], report.to_csv(index=False), title + "\n\n" + format_report(report, markdown=True))
@@ -99,6 +83,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.bootstrap < 0:
         parser.error("--bootstrap must be >= 0")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    from utils.config import resolve_path
+
     # relative paths: from the current directory, else from the repository root (as train.py and eval.py)
     labels = resolve_path(args.labels if args.labels is not None else resolve_path(args.data_root) / LABELS_RELPATH)
     return run_main("calc_metrics", lambda: run(resolve_path(args.csv_file), labels, bootstrap=args.bootstrap,

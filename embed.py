@@ -8,7 +8,8 @@ Writes ``--output`` (default ``res/embed_<checkpoint stem>_<split>.npz``): ``nam
 ``pooled`` (N, A, C: the same before the anatomy's projection), ``present`` (N, A) and
 ``checkpoint``; absent anatomies are NaN. Read it with ``numpy.load``. Resumable: a killed run
 continues from its ``.partial-`` file (every ``--save-every`` volumes); a finished file is
-reused unless ``--overwrite``. ``--volumes LIST`` embeds only the VolumeNames of a text file.
+reused unless ``--overwrite`` or its inputs changed (the checkpoint's or a volume's size or mtime, the data root,
+the window): the log says "reused" or "wrote". ``--volumes LIST`` embeds only the VolumeNames of a text file.
 Exit status: 0 = all embedded, 1 = some volume unreadable (``<stem>_failures.csv``), 2 = not started.
 """
 from __future__ import annotations
@@ -18,18 +19,8 @@ import logging
 import sys
 from pathlib import Path
 
-import torch
-
-from data.io import write_case_csv
-from utils.cli import run_main
-from utils.embeddings import (
-    compute_image_embeddings,
-    partial_path,
-    read_name_list,
-    setup_features,
-    volume_name,
-)
-from zeroshot import ZeroShotSetupError, checkpoint_args_parser
+# only light imports here: the heavy ones come after parsing, where they are used (fast --help)
+from utils.cli import CHECKPOINT_FLAG_KEYS, checkpoint_args_parser, preset_defaults, run_main
 
 logger = logging.getLogger("embed")
 
@@ -44,6 +35,10 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
+    from data.io import write_case_csv
+    from utils.embeddings import compute_image_embeddings, partial_path, read_name_list, setup_features, volume_name
+    from zeroshot import ZeroShotSetupError
+
     s = setup_features(args)
     volumes = s.volumes
     if args.volumes is not None:
@@ -57,22 +52,26 @@ def run(args: argparse.Namespace) -> int:
     if args.overwrite:
         output.unlink(missing_ok=True)
         partial_path(output).unlink(missing_ok=True)
-    emb, failures = compute_image_embeddings(s.extractor, volumes, output, source=s.source,
-                                             save_every=args.save_every, progress=args.pbar)
+    emb, failures, computed = compute_image_embeddings(s.extractor, volumes, output, source=s.source,
+                                                       save_every=args.save_every, progress=args.pbar)
     failures_csv = output.with_name(output.stem + "_failures.csv")
     write_case_csv(failures_csv, failures)
-    logger.info("wrote %s: %d volumes x %d anatomies, projected %d, pooled %d; %d failed (%s)", output,
-                len(emb.names), len(emb.anatomies), emb.projected.shape[-1], emb.pooled.shape[-1], len(failures),
-                failures_csv)
+    logger.info("%s %s: %d volumes x %d anatomies (%d computed now), projected %d, pooled %d; %d failed (%s)",
+                "wrote" if computed else "reused", output, len(emb.names), len(emb.anatomies), computed,
+                emb.projected.shape[-1], emb.pooled.shape[-1], len(failures), failures_csv)
     return 1 if failures else 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(parents=[get_args_parser()], description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(parents=[get_args_parser()], description=__doc__.split("\n\n")[0],
+                                     epilog=preset_defaults(CHECKPOINT_FLAG_KEYS),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     args = parser.parse_args(argv)
     if args.save_every < 1:
         parser.error("--save-every must be >= 1")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    import torch
+
     with torch.no_grad():
         return run_main("embed", lambda: run(args))
 

@@ -3,8 +3,8 @@
     python predict.py --image scan.nii.gz --checkpoint CKPT [--mask seg.nii.gz] [--config configs/ctrate.yaml]
                       [--items ITEMS.yaml] [--text-encoder DIR] [--json]
 
-Input: any 3D image SimpleITK reads (NIfTI, NRRD, MHA, ...) holding HU, with any spacing and
-orientation; its header geometry is trusted (unlike CT-RATE's raw files, whose geometry
+Input: any 3D image SimpleITK reads (NIfTI, NRRD, MHA, ...) or a folder holding one DICOM series (read
+as ``data.import_ct`` reads it), holding HU, with any spacing and orientation; its header geometry is trusted (unlike CT-RATE's raw files, whose geometry
 comes from the metadata CSV -- fix such a file with data/fix_data.py first).
 
 Steps, the same functions as the data pipeline and eval.py:
@@ -35,22 +35,18 @@ import logging
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
-import SimpleITK as sitk
-import torch
+# only light imports here: the heavy ones come after parsing, where they are used (fast --help)
+from utils.cli import DEFAULT_PRESET, MissingInputError, preset_defaults, run_main
 
-from data.common import PipelineConfig
-from data.io import scale_hu
-from data.fix_data import implausible_ct, read_sitk
-from data.generate_mask import (check_labels, check_same_geometry, check_totalseg_weights, disable_usage_stats,
-                                segment_case, total_class_ids)
-from data.preprocess import crop_pad_case
-from data.resize import build_label_lut, merge_labels, resample_case
-from utils.cli import run_main
-from utils.preset import given_flags, load_preset
-from zeroshot import ZeroShotItem, ZeroShotScorer, load_eval_model, load_items, prompt_features
+if TYPE_CHECKING:
+    import numpy as np
+    import SimpleITK as sitk
+    import torch
+
+    from data.common import PipelineConfig
+    from zeroshot import ZeroShotItem
 
 logger = logging.getLogger("predict")
 
@@ -61,14 +57,15 @@ FLAG_KEYS = {"text_encoder": "paths.text_encoder", "items": "zeroshot_items"}
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser("fVLM zero-shot prediction for one CT", add_help=False)
-    p.add_argument("--image", type=Path, required=True, help="CT volume in HU (any spacing/orientation)")
+    p.add_argument("--image", type=Path, required=True,
+                   help="CT volume in HU (any spacing/orientation): a NIfTI/NRRD/MHA file or a DICOM series folder")
     p.add_argument("--checkpoint", type=Path, required=True, help="our checkpoint or the released fVLM weights")
     p.add_argument("--mask", type=Path, help="TotalSegmentator `total` label map of --image (default: run it)")
-    p.add_argument("--config", default="configs/ctrate.yaml", help="training preset of the checkpoint")
+    p.add_argument("--config", default=DEFAULT_PRESET,
+                   help=f"training preset of the checkpoint (default: {DEFAULT_PRESET})")
     p.add_argument("--items", help="test items, prompts and roi (default: the preset's zeroshot_items)")
     p.add_argument("--text-encoder", dest="text_encoder", help="text encoder directory (default: the preset's)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                   help="torch device for the model (default: cuda when available)")
+    p.add_argument("--device", help="torch device for the model (default: cuda when available, else cpu)")
     p.add_argument("--fast", action="store_true", help="TotalSegmentator's 3 mm model")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="preset overrides")
@@ -76,8 +73,13 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def segment(image: sitk.Image, *, fast: bool, device: torch.device) -> sitk.Image:
-    """TotalSegmentator ``total`` labels of ``image`` (the full task, as the release) via data.generate_mask."""
-    check_totalseg_weights(fast=fast, roi_subset=False)
+    """TotalSegmentator ``total`` labels of ``image`` (the full task, as the release) via data.generate_mask;
+    its weights were checked by ``predict`` before the model was loaded."""
+    import SimpleITK as sitk
+
+    from data.fix_data import read_sitk
+    from data.generate_mask import disable_usage_stats, segment_case
+
     disable_usage_stats()
     with tempfile.TemporaryDirectory(prefix="fvlm_predict_") as tmp:
         src, dst = Path(tmp) / "image.nii.gz", Path(tmp) / "labels.nii.gz"
@@ -92,6 +94,12 @@ def prepare_case(image: sitk.Image, labels: sitk.Image, pipe: PipelineConfig) ->
     ``image`` and ``labels`` (TotalSegmentator ``total`` ids) share a grid; both are reoriented
     to LPS, resampled, merged and cropped/padded by the pipeline's own functions.
     """
+    import SimpleITK as sitk
+
+    from data.generate_mask import check_labels, check_same_geometry, total_class_ids
+    from data.preprocess import crop_pad_case
+    from data.resize import build_label_lut, merge_labels, resample_case
+
     image = sitk.DICOMOrient(image, ORIENTATION)
     labels = sitk.DICOMOrient(labels, ORIENTATION)
     check_same_geometry(image, labels)
@@ -104,21 +112,35 @@ def prepare_case(image: sitk.Image, labels: sitk.Image, pipe: PipelineConfig) ->
 
 def predict(args: argparse.Namespace) -> tuple[list[ZeroShotItem], dict[str, float], list[str]]:
     """Items, their probabilities, and the warnings about the input (``implausible_ct``: logged and returned)."""
+    import numpy as np
+    import SimpleITK as sitk
+    import torch
+
+    from data.fix_data import implausible_ct, read_sitk
+    from data.generate_mask import check_totalseg_weights
+    from data.import_ct import read_source
+    from data.io import scale_hu
+    from utils.preset import given_flags, load_preset
+    from zeroshot import ZeroShotScorer, load_eval_model, load_items, prompt_features
+
     cfg = load_preset(args.config, args.overrides, flags=given_flags(args, FLAG_KEYS))
     pipe = cfg.pipeline
-    roi, items = load_items(cfg.zeroshot_items)
-    device = torch.device(args.device)
+    roi, items = load_items(cfg.zeroshot_items, pipe.anatomy_names)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    # every input before the model, which takes long to load
+    if not args.image.exists():
+        raise MissingInputError(f"image not found: {args.image} (set --image: a CT file or a DICOM series folder)")
+    image = read_source(args.image)
+    mask = read_sitk(args.mask, "mask") if args.mask is not None else None
+    if mask is None:
+        check_totalseg_weights(fast=args.fast, roi_subset=False)
     model, tokenizer = load_eval_model(cfg, args.checkpoint, device)
-    image = read_sitk(args.image, "image")
     oriented = sitk.DICOMOrient(image, ORIENTATION)
     warnings = [f"{args.image}: {w}" for w in [implausible_ct(sitk.GetArrayViewFromImage(oriented),
                                                               oriented.GetSpacing())] if w]
     for warning in warnings:
         logger.warning("%s (the probabilities below are not meaningful for such a volume)", warning)
-    if args.mask is not None:
-        labels = read_sitk(args.mask, "mask")
-    else:
-        labels = segment(oriented, fast=args.fast, device=device)
+    labels = mask if mask is not None else segment(oriented, fast=args.fast, device=device)
     hu, anatomy = prepare_case(image, labels, pipe)
     logger.info("processed volume %s (D, H, W); anatomies present: %s", hu.shape,
                 [pipe.anatomy_names[i - 1] for i in np.unique(anatomy) if i])
@@ -150,7 +172,8 @@ def as_json(args: argparse.Namespace, items: list[ZeroShotItem], probs: dict[str
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser("fVLM zero-shot prediction for one CT", parents=[get_args_parser()],
-                                     description=__doc__.split("\n\n")[0])
+                                     description=__doc__.split("\n\n")[0], epilog=preset_defaults(FLAG_KEYS),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.json else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
@@ -158,6 +181,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def report(args: argparse.Namespace) -> None:
+    import torch
+
     with torch.no_grad():
         items, probs, warnings = predict(args)
     if args.json:

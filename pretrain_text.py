@@ -32,25 +32,18 @@ import random
 import re
 import sys
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
-import torch
-import torch.nn.functional as F
-from torch import nn
-from tqdm import tqdm
+# only light imports here: the heavy ones come after parsing, where they are used (fast --help)
+from utils.cli import preset_defaults, run_main
 
-from data.io import atomic_output
-from data.dataset import CTRateTrainDataset
-from models.loss import soft_clip_loss, soft_targets
-from models.text_encoder import build_text_encoder
-from utils.cli import run_main
-from utils.config import ConfigError, resolve_path
-from utils.distributed import setup_logging
-from utils.preset import given_flags, load_preset
+if TYPE_CHECKING:
+    import torch
 
 logger = logging.getLogger("pretrain_text")
 # command-line flag -> preset key (the flag wins over the preset; key=value overrides win over both)
 FLAG_KEYS = {"data_root": "paths.data_root", "text_encoder": "paths.text_encoder"}
+DEFAULT_CONFIG = "configs/demo.yaml"  # the presets without CXR-BERT are the demo's
 
 _SENTENCE_END = re.compile(r"(?<=\.)\s*")
 
@@ -66,7 +59,7 @@ def split_sentences(text: str) -> list[str]:
 
 
 def pretrain_text_encoder(
-    encoder: nn.Module,
+    encoder: torch.nn.Module,
     tokenizer: Any,
     texts: Sequence[str],
     *,
@@ -83,6 +76,14 @@ def pretrain_text_encoder(
     ``texts`` are de-duplicated; each batch holds ``batch_size`` distinct texts (the last
     partial batch is dropped). Deterministic for a given seed on one thread count.
     """
+    import torch
+    import torch.nn.functional as F
+    from torch import nn
+    from tqdm import tqdm
+
+    from models.loss import soft_clip_loss, soft_targets
+    from utils.config import ConfigError
+
     corpus = sorted(set(t for t in texts if split_sentences(t)))
     if len(corpus) < batch_size:
         raise ConfigError(f"{len(corpus)} distinct texts: need at least one batch of {batch_size}")
@@ -127,7 +128,8 @@ def pretrain_text_encoder(
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser("BERT pre-training on report texts", add_help=False)
-    p.add_argument("--config", default="configs/demo.yaml", help="preset with a text_pretrain section")
+    p.add_argument("--config", default=DEFAULT_CONFIG,
+                   help=f"preset with a text_pretrain section (default: {DEFAULT_CONFIG})")
     p.add_argument("--data-root", dest="data_root", help="processed training cache + desc/conc_info.json")
     p.add_argument("--text-encoder", dest="text_encoder",
                    help="directory written, then read by train.py (default: the preset's paths.text_encoder)")
@@ -139,6 +141,14 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> Path:
     """Pre-train and save; returns the output directory."""
+    import torch
+
+    from data.dataset import CTRateTrainDataset
+    from data.io import atomic_output
+    from models.text_encoder import build_text_encoder
+    from utils.config import ConfigError, resolve_path
+    from utils.preset import given_flags, load_preset
+
     cfg = load_preset(args.config, args.overrides, flags=given_flags(args, FLAG_KEYS))
     settings = cfg.text_pretrain
     if settings is None:
@@ -164,8 +174,12 @@ def run(args: argparse.Namespace) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser("pretrain_text.py", parents=[get_args_parser()],
-                                     description=__doc__.split("\n\n")[0])
+                                     description=__doc__.split("\n\n")[0],
+                                     epilog=preset_defaults(FLAG_KEYS, DEFAULT_CONFIG),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     args = parser.parse_args(argv)
+    from utils.distributed import setup_logging
+
     setup_logging()
     return run_main("pretrain_text", lambda: run(args))
 

@@ -18,19 +18,13 @@ import argparse
 import logging
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import numpy as np
-import pandas as pd
+# only light imports here: the heavy ones come after parsing, where they are used (fast --help)
+from utils.cli import FEATURE_KINDS, run_main
 
-from data.common import patient_id_of
-from data.labels_map import load_labels_map, read_dataset_labels
-from utils.cli import run_main
-from utils.embeddings import FEATURE_KINDS, ImageEmbeddings, read_name_list
-from data.io import write_table
-from utils.metrics import (LABEL_KEY, MetricsInputError, ScoringTable, compute_metrics_logged, format_report,
-                           read_labels)
-from utils.probe import cross_validated_probs, design_matrix, fit_predict
-from zeroshot import ZeroShotSetupError, load_items
+if TYPE_CHECKING:
+    import pandas as pd
 
 logger = logging.getLogger("probe")
 
@@ -42,18 +36,22 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--labels-map", type=Path, help="YAML mapping the dataset's label columns (configs/labels/)")
     p.add_argument("--items", type=Path, default=Path("configs/zeroshot_items.yaml"),
                    help="items giving each abnormality its anatomy (default configs/zeroshot_items.yaml)")
-    p.add_argument("--features", choices=FEATURE_KINDS, default="projected")
+    p.add_argument("--features", choices=FEATURE_KINDS, default="projected",
+                   help="joint-space (projected) or pre-projection (pooled) features (default: projected)")
     p.add_argument("--anatomies", choices=("item", "all"), default="item",
                    help="features of the item's anatomy only (default) or of all anatomies")
     p.add_argument("--folds", type=int, default=5, help="k-fold cross-validation grouped by patient (default 5)")
     p.add_argument("--train-list", type=Path, help="VolumeNames to fit on (one per line); the others are scored")
     p.add_argument("--C", dest="c", type=float, default=1.0, help="inverse L2 strength (default 1.0)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="fold shuffling and solver seed (default 0)")
     p.add_argument("--output", type=Path, help="report CSV (default: <embeddings stem>_probe_<features>.csv)")
     return p
 
 
 def labels_for(args: argparse.Namespace, names: list[str]) -> pd.DataFrame:
+    from data.labels_map import load_labels_map, read_dataset_labels
+    from utils.metrics import LABEL_KEY, MetricsInputError, read_labels
+
     if args.labels_map is not None:
         return read_dataset_labels(args.labels, load_labels_map(args.labels_map), names)
     labels = read_labels(args.labels).set_index(LABEL_KEY)
@@ -64,6 +62,16 @@ def labels_for(args: argparse.Namespace, names: list[str]) -> pd.DataFrame:
 
 
 def run(args: argparse.Namespace) -> pd.DataFrame:
+    import numpy as np
+    import pandas as pd
+
+    from data.common import patient_id_of
+    from data.io import write_table
+    from utils.embeddings import ImageEmbeddings, read_name_list
+    from utils.metrics import MetricsInputError, ScoringTable, compute_metrics_logged, format_report
+    from utils.probe import cross_validated_probs, design_matrix, fit_predict
+    from zeroshot import ZeroShotSetupError, load_items
+
     emb = ImageEmbeddings.load(args.embeddings)
     _, items = load_items(args.items)
     labels = labels_for(args, emb.names)
@@ -89,7 +97,7 @@ def run(args: argparse.Namespace) -> pd.DataFrame:
         y = y.astype(np.int64)
         if train is None:
             p = cross_validated_probs(x, y, [patient_id_of(n) for n in emb.names], folds=args.folds, c=args.c,
-                                      seed=args.seed)
+                                      seed=args.seed, name=item.abnormality)
         else:
             p = np.full(len(y), np.nan)
             p[~train] = fit_predict(x[train], y[train], x[~train], c=args.c, seed=args.seed)

@@ -14,7 +14,9 @@ Texts (``--texts``):
 
 Image features come from ``--embeddings`` (default ``res/embed_<checkpoint>_<split>.npz``), the
 file embed.py writes; it is computed (resumably) when missing, and reused afterwards. Text
-features are cached beside it (``..._texts_<kind>.npz``).
+features are cached beside it (``..._texts_<kind>.npz``). Both caches are keyed by content: the checkpoint's
+size and mtime, each volume's image and mask, the report JSONs or reports CSV; what changed is computed again,
+and the log says "reused" or "wrote".
 Writes ``--output`` (default ``res/retrieval_<checkpoint>_<split>_<texts>.csv``) and a ``.md``
 twin; prints the table with chance level in brackets, overall and per anatomy.
 Exit status: 0 on success, 2 when it could not start.
@@ -25,23 +27,15 @@ import argparse
 import logging
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import pandas as pd
-import torch
 
-from data.io import atomic_output, write_table
-from data.texts import load_report_json
-from data.common import REPORT_FILES, scan_id_of
-from utils.cli import run_main
-from utils.embeddings import (
-    anatomy_texts,
-    compute_image_embeddings,
-    encode_texts,
-    setup_features,
-)
-from utils.retrieval import anatomy_similarity, evaluate_both_directions, format_table
-from zeroshot import ZeroShotSetupError, checkpoint_args_parser
+# only light imports here: the heavy ones come after parsing, where they are used (fast --help)
+from utils.cli import CHECKPOINT_FLAG_KEYS, checkpoint_args_parser, preset_defaults, run_main
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 logger = logging.getLogger("retrieval")
 
@@ -51,13 +45,18 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--texts", choices=("anatomy", "report"), default="anatomy",
                    help="anatomy-wise spec §3 texts (default) or whole free-text reports")
     p.add_argument("--reports", type=Path, help="reports CSV for --texts report (default: the split's CT-RATE CSV)")
-    p.add_argument("--embeddings", type=Path, help="image features of embed.py (computed if missing)")
+    p.add_argument("--embeddings", type=Path,
+                   help="image features of embed.py (default: res/embed_<checkpoint>_<split>.npz; computed if missing)")
     p.add_argument("--output", type=Path, help="table CSV (default: res/retrieval_<checkpoint>_<split>_<texts>.csv)")
     return p
 
 
 def report_texts(path: Path, names: list[str]) -> list[str | None]:
     """Findings + impressions of each volume's report row; None when it has none."""
+    import pandas as pd
+
+    from zeroshot import ZeroShotSetupError
+
     if not path.is_file():
         raise ZeroShotSetupError(f"reports CSV not found: {path} (set --reports)")
     df = pd.read_csv(path).drop_duplicates("VolumeName").set_index("VolumeName")
@@ -70,16 +69,23 @@ def report_texts(path: Path, names: list[str]) -> list[str | None]:
 def text_features(s, names: list[str], kind: str, reports: Path, cache: Path, progress: bool
                   ) -> tuple[np.ndarray, np.ndarray]:
     """(features (M, A', E), present (M, A')) of the reports of ``names``; cached in ``cache``."""
-    key = f"{s.source} texts {kind} {reports if kind == 'report' else s.data_root.resolve()}"
+    from data.io import atomic_output, file_fingerprint
+    from data.texts import REPORT_JSONS, load_report_json
+    from utils.embeddings import anatomy_texts, encode_texts
+
+    sources = [reports] if kind == "report" else [s.data_root / name for name in REPORT_JSONS]
+    # the files' size and mtime: changed reports or anatomy texts are encoded again
+    key = f"{s.source} texts {kind} " + " ".join(f"{path.resolve()} {found}"
+                                                   for path, found in zip(sources, file_fingerprint(sources)))
     if cache.is_file():
         with np.load(cache) as z:
             if str(z["source"]) == key and [str(n) for n in z["names"]] == names:
+                logger.info("reused text features %s", cache)
                 return z["features"], z["present"]
     max_length = s.cfg.model.text_max_length
     encode = lambda batch: s.model.encode_texts(batch, s.tokenizer, max_length, device=s.device)  # noqa: E731
     if kind == "anatomy":
-        per_volume = anatomy_texts(names, s.anatomies, load_report_json(s.data_root / "desc_info.json"),
-                                   load_report_json(s.data_root / "conc_info.json"))
+        per_volume = anatomy_texts(names, s.anatomies, *(load_report_json(p) for p in sources))
         width = len(s.anatomies)
     else:
         per_volume = [None if t is None else [t] for t in report_texts(reports, names)]
@@ -93,6 +99,7 @@ def text_features(s, names: list[str], kind: str, reports: Path, cache: Path, pr
     present[rows] = True
     with atomic_output(cache) as tmp, open(tmp, "wb") as f:
         np.savez(f, names=np.asarray(names, dtype=str), features=out, present=present, source=np.asarray(key))
+    logger.info("wrote text features %s", cache)
     return out, present
 
 
@@ -104,11 +111,20 @@ def whole_volume(projected: np.ndarray, present: np.ndarray) -> tuple[np.ndarray
 
 
 def run(args: argparse.Namespace) -> pd.DataFrame:
+    import pandas as pd
+
+    from data.common import REPORT_FILES, scan_id_of
+    from data.io import write_table
+    from utils.embeddings import compute_image_embeddings, setup_features
+    from utils.retrieval import anatomy_similarity, evaluate_both_directions, format_table
+
     s = setup_features(args)
     stem = f"{s.checkpoint.stem}_{args.split}"
     emb_path = args.embeddings or Path("res") / f"embed_{stem}.npz"
-    emb, failures = compute_image_embeddings(s.extractor, s.volumes, emb_path, source=s.source,
-                                             progress=args.pbar)
+    emb, failures, computed = compute_image_embeddings(s.extractor, s.volumes, emb_path, source=s.source,
+                                                       progress=args.pbar)
+    logger.info("%s image features %s (%d volumes computed now)", "wrote" if computed else "reused", emb_path,
+                computed)
     for name, reason in failures:
         logger.warning("left out %s: %s", name, reason)
     reports = args.reports or s.data_root / REPORT_FILES.get(args.split, f"radiology_text_reports/{args.split}_reports.csv")
@@ -143,9 +159,13 @@ def run(args: argparse.Namespace) -> pd.DataFrame:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(parents=[get_args_parser()], description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(parents=[get_args_parser()], description=__doc__.split("\n\n")[0],
+                                     epilog=preset_defaults(CHECKPOINT_FLAG_KEYS),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    import torch
+
     with torch.no_grad():
         return run_main("retrieval", lambda: run(args))
 

@@ -42,7 +42,7 @@ from models.loss import AnatomyContrastiveLoss
 from models.text_encoder import missing_parts
 from utils.checkpoint import (CheckpointError, latest_checkpoint, list_checkpoints, load_checkpoint, load_model_state,
                               save_checkpoint)
-from utils.cli import UsageError, run_main
+from utils.cli import UsageError, preset_defaults, run_main
 from utils.config import REPO_ROOT, resolve_path, save_config
 from utils.distributed import (barrier, broadcast_from_main, destroy, first_error_on_any_rank, get_rank,
                                init_distributed, is_main_process, main_process_lock, setup_logging)
@@ -336,7 +336,7 @@ def _train_in(out_dir: Path, args: argparse.Namespace, cfg: Preset, rank: int, w
                                   betas=optim_cfg.betas, weight_decay=optim_cfg.weight_decay)
     if resume_from is not None:
         ckpt = load_checkpoint(resume_from)
-        load_model_state(model, ckpt["model"], strict=True)
+        load_model_state(model, ckpt["model"], strict=True, source=resume_from)
         optimizer.load_state_dict(ckpt["optimizer"])
         logger.info("resumed from %s: starting epoch %d", resume_from, start_epoch)
     elif args.resume:
@@ -391,7 +391,9 @@ def _train_in(out_dir: Path, args: argparse.Namespace, cfg: Preset, rank: int, w
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser("fVLM pre-training", parents=[get_args_parser()])
+    parser = argparse.ArgumentParser("fVLM pre-training", parents=[get_args_parser()],
+                                     epilog=preset_defaults(FLAG_KEYS),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     args = parser.parse_args(argv)
     try:
         return run_main("train", lambda: train(args))

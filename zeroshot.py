@@ -45,12 +45,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from data.io import VolumeReadError, image_to_mask_path, list_volumes, open_volume, write_csv
+from data.io import (VolumeReadError, file_fingerprint, image_to_mask_path, list_volumes, open_volume, read_json,
+                     write_csv)
 from models.builder import build_model
 from models.fvlm import FVLM
 from models.text_encoder import TextEncoderError
-from utils.checkpoint import CheckpointError, latest_checkpoint
-from utils.cli import UsageError
+from utils.checkpoint import CheckpointError, ModelMismatchError, latest_checkpoint
+from utils.cli import CHECKPOINT_FLAG_KEYS, UsageError
 from utils.config import read_yaml, resolve_path
 from utils.preset import Preset, given_flags, load_preset
 
@@ -78,8 +79,10 @@ class ZeroShotItem:
         return f"{self.anatomy}_{self.abnormality}_{self.negative}_{self.positive}"
 
 
-def load_items(path: str | Path) -> tuple[tuple[int, int, int], list[ZeroShotItem]]:
-    """(roi_dhw, items) from a zero-shot items YAML."""
+def load_items(path: str | Path, anatomy_names: Sequence[str] | None = None
+               ) -> tuple[tuple[int, int, int], list[ZeroShotItem]]:
+    """(roi_dhw, items) from a zero-shot items YAML; with ``anatomy_names`` (the pipeline's), an item naming
+    another anatomy is a ``ZeroShotSetupError``."""
     cfg = read_yaml(path, flag="--items")
     path = resolve_path(path)
     roi = cfg.get("roi_dhw")
@@ -99,6 +102,10 @@ def load_items(path: str | Path) -> tuple[tuple[int, int, int], list[ZeroShotIte
     columns = [item.column for item in items]
     if len(set(columns)) != len(columns):
         raise ZeroShotSetupError(f"{path}: duplicate items")
+    unknown = [] if anatomy_names is None else sorted({i.anatomy for i in items} - set(anatomy_names))
+    if unknown:
+        raise ZeroShotSetupError(f"{path}: item anatomy {', '.join(unknown)} is not one of the pipeline's anatomies "
+                                 f"({', '.join(anatomy_names)}): fix --items, or set the preset whose pipeline has it")
     return (roi[0], roi[1], roi[2]), items
 
 
@@ -115,6 +122,8 @@ def load_eval_model(preset: Preset, checkpoint: str | Path, device: torch.device
                                        text_encoder_dir=resolve_path(preset.paths.text_encoder), checkpoint=checkpoint)
     except TextEncoderError as e:
         raise ZeroShotSetupError(f"{e} (set --text-encoder)") from e
+    except ModelMismatchError as e:  # names the flag already
+        raise ZeroShotSetupError(str(e)) from e
     except CheckpointError as e:
         raise ZeroShotSetupError(f"{e} (set --checkpoint, or the --config it was trained with)") from e
     return model.eval().to(device), tokenizer
@@ -237,8 +246,9 @@ class ZeroShotScorer:
         return self.model.encode_anatomy_window(x, m, idx)[0]  # [E]
 
     @torch.no_grad()
-    def __call__(self, image: np.ndarray, mask: np.ndarray) -> dict[str, float]:
-        """Probabilities of the items whose anatomy is present (absent anatomies are left out)."""
+    def __call__(self, image: np.ndarray, mask: np.ndarray, name: str = "the volume") -> dict[str, float]:
+        """Probabilities of the items whose anatomy is present (absent anatomies are left out);
+        ``ZeroShotSetupError`` naming ``name`` when the model gives NaN or inf (a diverged checkpoint)."""
         temp = float(self.model.temp)
         probs: dict[str, float] = {}
         for anatomy in dict.fromkeys(i.anatomy for i in self.items):
@@ -249,6 +259,10 @@ class ZeroShotScorer:
             logits = torch.einsum("kpe,e->kp", self.text_feats[rows], feat.to(self.text_feats.dtype)) / temp
             pos = F.softmax(logits.float(), dim=-1)[:, 1].cpu().tolist()
             probs.update({self.items[k].column: p for k, p in zip(rows, pos)})
+        non_finite = [column for column, p in probs.items() if not np.isfinite(p)]
+        if non_finite:
+            raise ZeroShotSetupError(f"{name}: the model gives NaN or inf for {len(non_finite)} item(s), e.g. "
+                                     f"{non_finite[0]!r} (finite weights, diverged outputs): use an earlier checkpoint")
         return probs
 
 
@@ -263,33 +277,9 @@ def write_prediction_csv(path: str | Path, rows: Mapping[str, Mapping[str, float
 
 
 # ---------------------------------------------------------------------------- scoring a checkpoint on a split
-# command-line flag -> preset key (the flag wins over the preset; key=value overrides win over both)
-FLAG_KEYS = {"data_root": "paths.data_root", "text_encoder": "paths.text_encoder", "output_dir": "paths.output_dir",
-             "items": "zeroshot_items"}
-
-
-def checkpoint_args_parser() -> argparse.ArgumentParser:
-    """The flags of the tools that score a checkpoint on a processed split (eval, embed, retrieval)."""
-    p = argparse.ArgumentParser(add_help=False)
-    p.add_argument("--config", default="configs/ctrate.yaml", help="training preset (model size, pipeline config)")
-    p.add_argument("--checkpoint", type=Path,
-                   help="checkpoint: ours or the released fVLM weights (default: latest checkpoint_*.pth in --output-dir)")
-    p.add_argument("--output-dir", dest="output_dir",
-                   help="training output directory searched for the default checkpoint (default: the preset's)")
-    p.add_argument("--data-root", dest="data_root",
-                   help="root holding processed_{split}_images/ and _masks/ (default: the preset's, 'data')")
-    p.add_argument("--items", help="test items, prompts and roi (default: the preset's zeroshot_items)")
-    p.add_argument("--text-encoder", dest="text_encoder",
-                   help="text encoder directory for config + vocabulary (default: the preset's)")
-    p.add_argument("--split", default="valid", help="processed split (default: valid)")
-    p.add_argument("--no-pbar", dest="pbar", action="store_false", help="no progress bar (cluster logs)")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="preset overrides, e.g. model.depth=4")
-    return p
-
-
 @dataclass
 class EvalInputs:
-    """What ``checkpoint_args_parser``'s flags resolve to; relative paths as ``utils.config.resolve_path``."""
+    """What ``utils.cli.checkpoint_args_parser``'s flags resolve to; relative paths as ``utils.config.resolve_path``."""
 
     preset: Preset
     roi: tuple[int, int, int]
@@ -301,8 +291,8 @@ class EvalInputs:
 
 def resolve_eval_inputs(args: argparse.Namespace) -> EvalInputs:
     """Preset, items, checkpoint and the split's processed volumes; ``ZeroShotSetupError`` names the flag to fix."""
-    preset = load_preset(args.config, args.overrides, flags=given_flags(args, FLAG_KEYS))
-    roi, items = load_items(resolve_path(preset.zeroshot_items))
+    preset = load_preset(args.config, args.overrides, flags=given_flags(args, CHECKPOINT_FLAG_KEYS))
+    roi, items = load_items(resolve_path(preset.zeroshot_items), preset.pipeline.anatomy_names)
     data_root = resolve_path(preset.paths.data_root)
     checkpoint = resolve_path(args.checkpoint) if args.checkpoint is not None else None
     if checkpoint is None:
@@ -329,3 +319,34 @@ def read_case(image_path: Path) -> tuple[np.ndarray, np.ndarray]:
 def volume_name(image_path: Path) -> str:
     """Processed ``.../valid_1_a_1.nii`` -> the VolumeName ``valid_1_a_1.nii.gz``."""
     return image_path.name[: -len(".nii")] + ".nii.gz"
+
+
+# ---------------------------------------------------------------------------- what a prediction CSV was made from
+def inputs_record_path(csv_file: Path) -> Path:
+    """``res/x.csv`` -> ``res/x_inputs.json``: what the CSV was made from (beside it, as ``_failures.csv``)."""
+    return csv_file.with_name(csv_file.stem + "_inputs.json")
+
+
+def prediction_inputs(inputs: EvalInputs, split: str) -> dict[str, Any]:
+    """The inputs a prediction CSV depends on: the checkpoint (path, size, mtime: new weights at the same path
+    differ), the text encoder, the data root and split, the items and window (their content)."""
+    return {"checkpoint": str(inputs.checkpoint.resolve()), "checkpoint_file": file_fingerprint([inputs.checkpoint])[0],
+            "text_encoder": str(resolve_path(inputs.preset.paths.text_encoder).resolve()),
+            "data_root": str(inputs.data_root.resolve()), "split": split, "roi": list(inputs.roi),
+            "items": [[i.anatomy, i.abnormality, i.negative, i.positive] for i in inputs.items]}
+
+
+def check_replaceable(csv_file: Path, record: Mapping[str, Any], overwrite: bool) -> bool:
+    """Whether writing ``csv_file`` replaces a CSV made from other inputs (allowed with ``overwrite`` only:
+    ``ZeroShotSetupError`` otherwise). A CSV of the same inputs is simply rewritten."""
+    if not csv_file.exists():
+        return False
+    old = read_json(inputs_record_path(csv_file))
+    if old == record:
+        return False
+    if overwrite:
+        return True
+    what = (f"no record of its inputs ({inputs_record_path(csv_file).name} is missing)" if not isinstance(old, dict)
+            else "other inputs (" + ", ".join(k for k in record if old.get(k) != record[k]) + " differ)")
+    raise ZeroShotSetupError(f"{csv_file} exists and was made from {what}: pass --overwrite to replace it, "
+                             "or set --csv_file or --name")

@@ -24,6 +24,7 @@ from typing import Any, Mapping
 from utils.cli import MissingInputError
 
 
+REPORT_JSONS = ("desc_info.json", "conc_info.json")  # the anatomy-wise texts under the data root (spec §1)
 _REMOVED_CHARS = str.maketrans("", "", "\"'()")
 
 

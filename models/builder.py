@@ -25,7 +25,7 @@ from typing import Any, Sequence
 from models.fvlm import FVLM
 from models.text_encoder import build_text_encoder
 from models.vit3d import VisionTransformer3D
-from utils.checkpoint import load_checkpoint, load_mae_into_vit, load_model_state
+from utils.checkpoint import load_mae_into_vit, load_model_state, load_model_weights
 
 logger = logging.getLogger(__name__)
 
@@ -95,6 +95,6 @@ def build_model(
     if mae_weights is not None:
         load_mae_into_vit(model.visual_encoder, mae_weights)  # it logs the counts (the key list is noise)
     if checkpoint is not None:
-        load_model_state(model, load_checkpoint(checkpoint), strict=True)
+        load_model_state(model, load_model_weights(checkpoint), strict=True, source=checkpoint)
         logger.info("loaded %s", checkpoint)
     return model, tokenizer

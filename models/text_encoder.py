@@ -59,7 +59,9 @@ def _read_config(path: Path) -> BertConfig:
         logger.warning("%s: model_type %r, building it as a plain BERT encoder", cfg_file, model_type)
     for key in _WRAPPER_CONFIG_KEYS:
         fields.pop(key, None)
-    return BertConfig(**fields)
+    config = BertConfig(**fields)
+    config.name_or_path = str(cfg_file)  # named by utils.checkpoint when a checkpoint does not fit it
+    return config
 
 
 def _read_weight_file(f: Path) -> dict[str, torch.Tensor]:

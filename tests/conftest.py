@@ -1,8 +1,11 @@
 """Shared test setup: offline Hugging Face, repo root importable; tiny-BERT and processed-cache builders."""
 import json
+import logging
 import os
 import sys
 from pathlib import Path
+
+import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -19,6 +22,16 @@ import yaml  # noqa: E402
 
 from data.common import nii_stem, volume_relpath  # noqa: E402
 from data.io import write_volume  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _drop_entry_point_log_handlers():
+    """utils.distributed.setup_logging binds its handler to the stderr of the test that ran the entry point (a
+    capsys stream closed after it): drop it with that test, so later tests do not log into a closed stream."""
+    yield
+    root = logging.getLogger()
+    root.handlers[:] = [h for h in root.handlers if not getattr(h, "fvlm", False)]
+
 
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 REPORT_WORDS = [".", ",", *("lung heart aorta esophagus shows no significant abnormalities nodule emphysema "

@@ -407,7 +407,7 @@ def test_calc_metrics_rejects_infinite_or_out_of_range_probabilities(tmp_path, c
 
 def test_calc_metrics_reports_empty_cells_and_what_the_csv_lacks(tmp_path, caplog):
     import calc_metrics
-    pred, labels = _metrics_inputs(tmp_path, ["0.2", "", "0.7", "nan"])
+    pred, labels = _metrics_inputs(tmp_path, ["0.2", "", "0.7", ""])
     caplog.set_level("INFO")
     assert calc_metrics.main(["--csv_file", str(pred), "--labels", str(labels)]) == 0
     warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
@@ -420,13 +420,14 @@ def test_width_mismatch_hint_names_the_model_size_not_the_crop():
     import torch
     from torch import nn
 
-    from utils.checkpoint import CheckpointError, filter_state_dict
+    from utils.checkpoint import CheckpointError, ModelMismatchError, filter_state_dict, load_model_state
     model = nn.Module()
     model.visual_encoder = nn.Module()
     model.visual_encoder.pos_embed = nn.Parameter(torch.zeros(1, 8, 32))
-    with pytest.raises(CheckpointError, match=r"width \(embed_dim 64\) is not the model's \(32\)") as info:
-        filter_state_dict({"visual_encoder.pos_embed": torch.zeros(1, 8, 64)}, model)
-    assert "crop" not in str(info.value)
+    with pytest.raises(ModelMismatchError, match=r"ViT is 64 wide, 0 blocks, mlp_ratio \?; the model built is 32 wide"
+                       ) as info:
+        load_model_state(model, {"visual_encoder.pos_embed": torch.zeros(1, 8, 64)})
+    assert "crop" not in str(info.value) and "--config" in str(info.value)
     with pytest.raises(CheckpointError, match="crop size and patch size"):
         filter_state_dict({"visual_encoder.pos_embed": torch.zeros(1, 6, 32)}, model)
 

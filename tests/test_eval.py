@@ -337,13 +337,42 @@ def test_eval_setup_errors_exit_2(eval_setup, tmp_path, capsys):
     assert not out.exists()
 
 
-def test_default_output_name_comes_from_the_checkpoint(eval_setup, tmp_path, monkeypatch):
+def test_default_output_is_per_run_and_other_inputs_are_not_overwritten(eval_setup, tmp_path, monkeypatch, capsys):
+    """Issue 30 #2: checkpoint_3.pth of two runs gets two CSVs; a CSV of other inputs is replaced only with
+    --overwrite, and then the calc_metrics files of the replaced CSV go."""
+    import shutil
+
     import eval as eval_cli
 
     monkeypatch.chdir(tmp_path)
+    shutil.copytree(eval_setup / "run", tmp_path / "run2")
     args = ["--config", str(eval_setup / "preset.yaml"), "--items", str(eval_setup / "items.yaml"), "--no-pbar"]
     assert eval_cli.main(args) == 0
-    assert (tmp_path / "res" / "checkpoint_3.csv").is_file()
+    first = tmp_path / "res" / "run_checkpoint_3.csv"
+    assert first.is_file()
+    assert json.loads((tmp_path / "res" / "run_checkpoint_3_inputs.json").read_text())["checkpoint"] == str(
+        eval_setup / "run" / "checkpoint_3.pth")
+    assert eval_cli.main(args) == 0  # same inputs: rewritten without asking
+    other = ["--checkpoint", str(tmp_path / "run2" / "checkpoint_3.pth")]
+    assert eval_cli.main(args + other) == 0
+    assert (tmp_path / "res" / "run2_checkpoint_3.csv").is_file()
+
+    stale = [tmp_path / "res" / f"run_checkpoint_3{s}" for s in ("_metrics.csv", "_metrics.md", "_roc.png")]
+    for path in stale:
+        path.write_text("scores of the first CSV")
+    before = first.read_bytes()
+    capsys.readouterr()
+    assert eval_cli.main(args + other + ["--name", "run_checkpoint_3"]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if ": error: " in line]
+    assert err == [(f"eval: error: {Path('res') / 'run_checkpoint_3.csv'} exists and was made from other inputs "
+                   "(checkpoint differ): pass --overwrite to replace it, or set --csv_file or --name")]
+    assert first.read_bytes() == before and all(p.is_file() for p in stale)
+    assert eval_cli.main(args + other + ["--name", "run_checkpoint_3", "--overwrite"]) == 0
+    assert not any(p.exists() for p in stale)
+    assert json.loads((tmp_path / "res" / "run_checkpoint_3_inputs.json").read_text())["checkpoint"] == other[1]
+    (tmp_path / "res" / "run_checkpoint_3_inputs.json").unlink()  # e.g. a CSV of the release, or of an older eval
+    assert eval_cli.main(args + other + ["--name", "run_checkpoint_3"]) == 2
+    assert "no record of its inputs (run_checkpoint_3_inputs.json is missing)" in capsys.readouterr().err
 
 
 @pytest.mark.slow

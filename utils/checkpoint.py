@@ -29,9 +29,9 @@ from utils.cli import UsageError
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "RELEASE_RENAMES", "CheckpointError", "to_release_state_dict", "from_release_state_dict",
+    "RELEASE_RENAMES", "CheckpointError", "ModelMismatchError", "to_release_state_dict", "from_release_state_dict",
     "filter_state_dict", "load_model_state", "load_mae_into_vit", "save_checkpoint", "load_checkpoint",
-    "list_checkpoints", "latest_checkpoint", "resample_pos_embed_3d",
+    "list_checkpoints", "latest_checkpoint", "load_model_weights", "resample_pos_embed_3d",
 ]
 
 RELEASE_RENAMES: tuple[tuple[str, str], ...] = (
@@ -51,6 +51,10 @@ _TOKEN_TYPE_KEY = "text_encoder.embeddings.token_type_embeddings.weight"
 
 class CheckpointError(UsageError, RuntimeError):
     """A checkpoint or weight file is missing, unreadable or does not fit the model."""
+
+
+class ModelMismatchError(CheckpointError):
+    """A checkpoint's ViT or text encoder has another size than the model built (the message names the flag)."""
 
 
 def _compile(template: str) -> tuple[re.Pattern[str], str]:
@@ -114,30 +118,91 @@ def filter_state_dict(sd: Mapping[str, Any], model: nn.Module) -> dict[str, torc
             sd[_TOKEN_TYPE_KEY] = torch.zeros_like(own[_TOKEN_TYPE_KEY])
             logger.info("checkpoint has no token-type embeddings: using zeros")
     pos = sd.get("visual_encoder.pos_embed")
-    if pos is not None and "visual_encoder.pos_embed" in own and pos.shape != own["visual_encoder.pos_embed"].shape:
-        own_shape = tuple(own["visual_encoder.pos_embed"].shape)
-        hint = (f"the checkpoint's width (embed_dim {pos.shape[-1]}) is not the model's ({own_shape[-1]}): build it "
-                "with the model size (--config) the checkpoint was trained with" if pos.shape[-1] != own_shape[-1]
-                else "build the model with the crop size and patch size the checkpoint was trained with")
-        raise CheckpointError(f"position embeddings {tuple(pos.shape)} do not fit the model's {own_shape}: {hint}")
+    own_pos = own.get("visual_encoder.pos_embed")
+    # a width mismatch is described with the rest of the ViT's size by load_model_state
+    if pos is not None and own_pos is not None and pos.shape[-1] == own_pos.shape[-1] and pos.shape != own_pos.shape:
+        raise CheckpointError(f"position embeddings {tuple(pos.shape)} do not fit the model's {tuple(own_pos.shape)}: "
+                              "build the model with the crop size and patch size the checkpoint was trained with")
     return sd
 
 
-def load_model_state(model: nn.Module, sd: Mapping[str, Any], strict: bool = True) -> dict[str, list[str]]:
+def _blocks(sd: Mapping[str, Any], prefix: str) -> int:
+    """How many numbered blocks ``{prefix}{n}.`` a state dict holds."""
+    return len({k[len(prefix):].split(".", 1)[0] for k in sd if k.startswith(prefix)})
+
+
+def _vit_size(sd: Mapping[str, Any]) -> str | None:
+    """The ViT's size in ``sd``; None when ``sd`` has no ViT (no position table)."""
+    if "visual_encoder.pos_embed" not in sd:
+        return None
+    width = sd["visual_encoder.pos_embed"].shape[-1]
+    hidden = sd.get("visual_encoder.blocks.0.mlp.fc1.weight")
+    ratio = f"{hidden.shape[0] / width:g}" if hidden is not None else "?"
+    return f"{width} wide, {_blocks(sd, 'visual_encoder.blocks.')} blocks, mlp_ratio {ratio}"
+
+
+def _text_size(sd: Mapping[str, Any]) -> str | None:
+    """The text encoder's size in ``sd``; None when ``sd`` has no (whole) text encoder (no word embeddings)."""
+    words = sd.get("text_encoder.embeddings.word_embeddings.weight")
+    if words is None:
+        return None
+    ffn = sd.get("text_encoder.encoder.layer.0.intermediate.dense.weight")
+    return (f"{words.shape[1]} wide, {_blocks(sd, 'text_encoder.encoder.layer.')} layers, intermediate "
+            f"{ffn.shape[0] if ffn is not None else '?'}, vocabulary {words.shape[0]}")
+
+
+# the parts of the model a checkpoint may not fit: (key prefix, name, size description, what sets the model's)
+_PARTS = (("visual_encoder.", "ViT", _vit_size, "set --config (or model.* overrides) to the model size it was "
+           "trained with"),
+          ("text_encoder.", "text encoder", _text_size, "set --text-encoder to the directory it was trained with"))
+
+
+def _misfit(sd: Mapping[str, Any], model: nn.Module) -> str | None:
+    """One line naming the part of ``model`` whose size the checkpoint ``sd`` does not have (both sizes, the flag
+    that sets the model's); None when every part the checkpoint holds whole has the model's size."""
+    own = model.state_dict()
+    for prefix, name, size, hint in _PARTS:
+        theirs = size(sd)
+        if theirs is not None and theirs != size(own):
+            built = ""
+            if prefix == "text_encoder.":
+                built = getattr(getattr(getattr(model, "text_encoder", None), "config", None), "name_or_path", "")
+            built = f"{built} builds" if built else "the model built is"
+            return f"the checkpoint's {name} is {theirs}; {built} {size(own)}: {hint}"
+    return None
+
+
+def load_model_state(model: nn.Module, sd: Mapping[str, Any], strict: bool = True,
+                     source: str | Path = "checkpoint") -> dict[str, list[str]]:
     """Load a state dict in the release layout or ours into ``model`` (unwrapped).
 
     ``strict``: unexpected keys are an error, and so are missing keys, except parameters the
-    model has frozen (``requires_grad=False``; checkpoints leave them out). Returns
+    model has frozen (``requires_grad=False``; checkpoints leave them out). A checkpoint whose
+    ViT or text encoder has another size than the model's is a ``CheckpointError`` that names
+    the part, both sizes and the flag to set (whatever ``strict``); NaN or inf weights are a
+    ``CheckpointError`` too. Messages start with ``source`` (the checkpoint's path). Returns
     ``{"missing": [...], "unexpected": [...]}``.
     """
     sd = filter_state_dict(sd, model)
-    result = model.load_state_dict(sd, strict=False)
+    own = model.state_dict()
+    other_shape = [k for k, v in sd.items() if k in own and tuple(v.shape) != tuple(own[k].shape)]
     frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
-    missing = [k for k in result.missing_keys if k not in frozen]
-    unexpected = list(result.unexpected_keys)
+    missing = [k for k in own if k not in sd and k not in frozen]
+    unexpected = [k for k in sd if k not in own]
+    misfit = _misfit(sd, model) if other_shape or (strict and (missing or unexpected)) else None
+    if misfit is not None:
+        raise ModelMismatchError(f"{source}: {misfit}")
+    if other_shape:
+        raise CheckpointError(f"{source} does not fit the model: {len(other_shape)} tensors of another shape, "
+                              f"e.g. {other_shape[:4]}")
+    non_finite = [k for k, v in sd.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if non_finite:
+        raise CheckpointError(f"{source}: {len(non_finite)} weight tensor(s) hold NaN or inf, e.g. {non_finite[:3]} "
+                              "(a diverged run): use an earlier checkpoint")
+    model.load_state_dict(sd, strict=False)
     if strict and (missing or unexpected):
         raise CheckpointError(
-            f"checkpoint does not fit the model: {len(missing)} missing keys {missing[:8]}, "
+            f"{source} does not fit the model: {len(missing)} missing keys {missing[:8]}, "
             f"{len(unexpected)} unexpected keys {unexpected[:8]}")
     if missing or unexpected:
         logger.warning("non-strict load: missing %s, unexpected %s", missing, unexpected)
@@ -246,19 +311,52 @@ def save_checkpoint(
     return path
 
 
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Read a checkpoint on the CPU with ``weights_only=True``; ``CheckpointError`` when missing
-    or not loadable as plain data."""
-    path = Path(path)
+def _check_file(path: Path) -> None:
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     if path.stat().st_size == 0:
         raise CheckpointError(f"checkpoint {path} is empty (0 bytes; a copy cut short?): delete it or use another")
+
+
+def _load_error(path: Path, exc: BaseException) -> CheckpointError:
+    detail = " ".join(str(exc).split())[:300] or type(exc).__name__
+    return CheckpointError(f"cannot load {path} with weights_only=True: {detail}")
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Read a whole checkpoint (model, optimiser, ...) on the CPU with ``weights_only=True``;
+    ``CheckpointError`` when missing or not loadable as plain data."""
+    path = Path(path)
+    _check_file(path)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as e:
-        detail = " ".join(str(e).split())[:300] or type(e).__name__
-        raise CheckpointError(f"cannot load {path} with weights_only=True: {detail}") from e
+        raise _load_error(path, e) from e
+
+
+def load_model_weights(path: str | Path) -> Mapping[str, Any]:
+    """The model's weights of a checkpoint (ours, or the release's file) without reading the rest.
+
+    The file is memory-mapped (``mmap=True``), so the optimiser state that training checkpoints
+    carry is never read from disk; only the tensors the model loads are. Files in torch's legacy
+    (non-zip) format cannot be mapped and are read whole."""
+    path = Path(path)
+    _check_file(path)
+    try:
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:
+            if "mmap" not in str(e):
+                raise
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as e:
+        raise _load_error(path, e) from e
+    if isinstance(ckpt, Mapping) and isinstance(ckpt.get("model"), Mapping):
+        return ckpt["model"]
+    if not isinstance(ckpt, Mapping):
+        raise CheckpointError(f"{path} holds a {type(ckpt).__name__}, not a state dict: use a checkpoint of train.py "
+                              "or the released fVLM weights")
+    return ckpt
 
 
 def list_checkpoints(output_dir: str | Path) -> list[Path]:

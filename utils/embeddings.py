@@ -10,9 +10,11 @@ the code path eval.py scores with):
 - ``present`` (N, A) bool; absent anatomies hold NaN.
 
 Written as ONE ``.npz`` per run (``names``, ``anatomies``, ``projected``, ``pooled``,
-``present``, ``source``: checkpoint, data root and window size), atomically. Resumable: every
+``present``, ``source``: checkpoint path, size and mtime, data root and window size; ``files``: size and mtime of
+each volume's image and mask), atomically. Resumable: every
 ``save_every`` volumes the features so far go to ``.partial-{name}`` beside it; a rerun with the
-same source picks them up and computes only the rest; the finished file replaces the partial one.
+same source picks them up and computes only the rest (and the volumes whose files changed); the finished file
+replaces the partial one.
 """
 from __future__ import annotations
 
@@ -27,7 +29,7 @@ import torch
 from tqdm import tqdm
 
 from data.common import scan_id_of
-from data.io import VolumeReadError, atomic_output, scale_hu
+from data.io import VolumeReadError, atomic_output, file_fingerprint, image_to_mask_path, scale_hu
 from data.texts import compose_anatomy_text, text_for_encoding
 from utils.cli import UsageError
 from utils.preset import Preset
@@ -36,7 +38,6 @@ from zeroshot import (ZeroShotScorer, ZeroShotSetupError, load_eval_model, read_
 
 logger = logging.getLogger(__name__)
 
-FEATURE_KINDS = ("projected", "pooled")
 
 
 class EmbeddingsFileError(UsageError, ValueError):
@@ -50,14 +51,15 @@ class ImageEmbeddings:
     projected: np.ndarray  # (N, A, E) float32, NaN where absent
     pooled: np.ndarray  # (N, A, C) float32, NaN where absent
     present: np.ndarray  # (N, A) bool
-    source: str  # what made the features: checkpoint, data root, window size
+    source: str  # what made the features: checkpoint (path, size, mtime), data root, window size
+    files: np.ndarray  # (N, 4) int64: size and mtime (ns) of each volume's processed image and mask
 
     def save(self, path: Path) -> None:
         """Atomic ``np.savez`` (``data.io.atomic_output``)."""
         with atomic_output(path) as tmp, open(tmp, "wb") as f:
             np.savez(f, names=np.asarray(self.names, dtype=str), anatomies=np.asarray(self.anatomies, dtype=str),
                      projected=self.projected, pooled=self.pooled, present=self.present,
-                     source=np.asarray(self.source))
+                     source=np.asarray(self.source), files=self.files)
 
     @classmethod
     def load(cls, path: str | Path) -> "ImageEmbeddings":
@@ -65,16 +67,29 @@ class ImageEmbeddings:
             raise EmbeddingsFileError(f"embeddings file not found: {path} (set --embeddings; embed.py writes it)")
         try:
             with np.load(path) as z:
-                return cls([str(n) for n in z["names"]], [str(a) for a in z["anatomies"]], z["projected"],
-                           z["pooled"], z["present"].astype(bool), str(z["source"]))
+                names = [str(n) for n in z["names"]]
+                # files written before volumes were fingerprinted match none: their features are recomputed
+                files = z["files"] if "files" in z.files else np.full((len(names), 4), -1, np.int64)
+                emb = cls(names, [str(a) for a in z["anatomies"]], z["projected"], z["pooled"],
+                          z["present"].astype(bool), str(z["source"]), files)
         except (OSError, KeyError, ValueError, EOFError) as exc:
             raise EmbeddingsFileError(f"not an embeddings file of embed.py: {path} ({exc})") from None
+        rows: dict[str, list[int]] = {}
+        for i, name in enumerate(emb.names):
+            rows.setdefault(name, []).append(i)
+        repeated = {name: at for name, at in rows.items() if len(at) > 1}
+        if repeated:
+            first, at = next(iter(repeated.items()))
+            raise EmbeddingsFileError(f"{path} holds {len(repeated)} volume(s) more than once, e.g. {first} "
+                                      f"(rows {', '.join(map(str, at))} of 'names'): embed them again with "
+                                      "embed.py --overwrite")
+        return emb
 
     def select(self, names: Sequence[str]) -> "ImageEmbeddings":
         index = {n: i for i, n in enumerate(self.names)}
         rows = [index[n] for n in names]
         return ImageEmbeddings(list(names), self.anatomies, self.projected[rows], self.pooled[rows],
-                               self.present[rows], self.source)
+                               self.present[rows], self.source, self.files[rows])
 
 
 class AnatomyFeatureExtractor:
@@ -115,12 +130,24 @@ def partial_path(path: Path) -> Path:
     return path.with_name(f".partial-{path.name}")
 
 
+def volume_files(image_path: Path) -> np.ndarray:
+    """(4,) int64: size and mtime (ns) of a processed image and its mask (``data.io.file_fingerprint``), what a
+    rerun compares to reuse its features."""
+    found = file_fingerprint([image_path, image_to_mask_path(image_path)])
+    return np.asarray([v for f in found for v in (f or (-1, -1))], dtype=np.int64)
+
+
 def compute_image_embeddings(extract: AnatomyFeatureExtractor, volumes: Sequence[Path], out_path: Path, *,
                              source: str, save_every: int = 50, progress: bool = True
-                             ) -> tuple[ImageEmbeddings, list[tuple[str, str]]]:
-    """Features of ``volumes`` written to ``out_path`` (resumable, module docstring); (embeddings, failures)."""
+                             ) -> tuple[ImageEmbeddings, list[tuple[str, str]], int]:
+    """Features of ``volumes`` written to ``out_path`` (resumable, module docstring); (embeddings, failures, number
+    of volumes computed by this call: 0 when ``out_path`` was reused as it was).
+
+    A volume's features are reused only from a file of the same ``source`` (checkpoint path, size and mtime, data
+    root, window) and when its image and mask have the size and mtime they had then."""
     out_path = Path(out_path)
     wanted = [volume_name(v) for v in volumes]
+    files = {n: volume_files(v) for n, v in zip(wanted, volumes)}
     done: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
     finished = None  # out_path, when it is from this source
     for previous in (out_path, partial_path(out_path)):
@@ -129,11 +156,15 @@ def compute_image_embeddings(extract: AnatomyFeatureExtractor, volumes: Sequence
             if old.source != source or old.anatomies != extract.anatomies:
                 logger.warning("%s is from %s, not %s: recomputing", previous, old.source, source)
                 continue
-            finished = old if previous == out_path else finished
-            done.update({n: (old.projected[i], old.pooled[i], old.present[i]) for i, n in enumerate(old.names)})
+            same = [i for i, n in enumerate(old.names) if n in files and np.array_equal(old.files[i], files[n])]
+            if len(same) < len(old.names):
+                logger.info("%s: %d volume(s) changed since (size or mtime): recomputing them", previous,
+                            len(old.names) - len(same))
+            finished = old if previous == out_path and len(same) == len(old.names) else finished
+            done.update({old.names[i]: (old.projected[i], old.pooled[i], old.present[i]) for i in same})
     todo = [(v, n) for v, n in zip(volumes, wanted) if n not in done]
     if finished is not None and list(finished.names) == wanted and not partial_path(out_path).is_file():
-        return finished, []  # nothing to add: the file stays as it is
+        return finished, [], 0  # nothing to add: the file stays as it is
     if len(done):
         logger.info("%s: %d volume(s) already embedded, %d to go", out_path, len(wanted) - len(todo), len(todo))
 
@@ -143,7 +174,8 @@ def compute_image_embeddings(extract: AnatomyFeatureExtractor, volumes: Sequence
         return ImageEmbeddings(list(names), extract.anatomies,
                                np.stack([r[0] for r in rows]) if rows else np.zeros((0, a, e), np.float32),
                                np.stack([r[1] for r in rows]) if rows else np.zeros((0, a, c), np.float32),
-                               np.stack([r[2] for r in rows]) if rows else np.zeros((0, a), bool), source)
+                               np.stack([r[2] for r in rows]) if rows else np.zeros((0, a), bool), source,
+                               np.stack([files[n] for n in names]) if rows else np.zeros((0, 4), np.int64))
 
     failures: list[tuple[str, str]] = []
     for k, (path, name) in enumerate(tqdm(todo, desc="embed", disable=not progress), start=1):
@@ -157,7 +189,7 @@ def compute_image_embeddings(extract: AnatomyFeatureExtractor, volumes: Sequence
     result = snapshot([n for n in wanted if n in done])
     result.save(out_path)
     partial_path(out_path).unlink(missing_ok=True)
-    return result, failures
+    return result, failures, len(todo)
 
 
 # ---------------------------------------------------------------------------- text side
@@ -212,6 +244,8 @@ def setup_features(args: argparse.Namespace) -> FeatureSetup:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model, tokenizer = load_eval_model(cfg, checkpoint, device)
     extractor = AnatomyFeatureExtractor(model, pipe.anatomy_names, roi, pipe.hu_window, device)
-    source = f"{Path(checkpoint).resolve()} on {Path(data_root).resolve()} roi {list(roi)}"
+    size, mtime = file_fingerprint([checkpoint])[0]  # new weights at the same path are other features
+    source = (f"{Path(checkpoint).resolve()} ({size} bytes, mtime {mtime} ns) on {Path(data_root).resolve()} "
+              f"roi {list(roi)}")
     return FeatureSetup(cfg, pipe.anatomy_names, Path(data_root), Path(checkpoint), volumes, extractor, model,
                         tokenizer, device, source)

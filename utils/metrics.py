@@ -5,8 +5,9 @@ named ``{anatomy}_{abnormality}_{negative}_{positive}``):
 
 - abnormality = ``column.split("_")[1]``; its label for a row is the value of
   that column in the labels CSV row whose ``VolumeName`` equals ``file_name``;
-- an empty / NaN probability counts as 0 (anatomy absent from the volume; how many
-  per item is logged); an infinite one, or one outside [0, 1], is an input error;
+- an empty probability counts as 0 (anatomy absent from the volume; how many
+  per item is logged); a NaN written out (``nan``), an infinite one, one outside
+  [0, 1] and a volume listed twice are input errors;
 - labelled volumes the CSV lacks, and labelled abnormalities without an item
   column, are not scored (their counts are logged);
 - AUC = ``sklearn.metrics.roc_auc_score``;
@@ -84,6 +85,13 @@ class ScoringTable:
     labels: np.ndarray  # (N, K) int64 in {0, 1}
 
 
+def metrics_paths(csv_file: Path) -> dict[str, Path]:
+    """What calc_metrics.py writes beside a prediction CSV: ``<stem>_metrics.csv``, ``_metrics.md``, ``_roc.png``."""
+    stem = Path(csv_file).with_suffix("")
+    return {"csv": stem.with_name(stem.name + "_metrics.csv"), "md": stem.with_name(stem.name + "_metrics.md"),
+            "png": stem.with_name(stem.name + "_roc.png")}
+
+
 def abnormality_of(column: str) -> str:
     """``"lung_Lung nodule_Not Nodule._Nodule."`` -> ``"Lung nodule"``."""
     parts = column.split("_")
@@ -92,10 +100,19 @@ def abnormality_of(column: str) -> str:
     return parts[1]
 
 
+def _lines(rows) -> str:
+    """CSV line numbers of data rows (the header is line 1)."""
+    return ", ".join(str(int(r) + 2) for r in rows)
+
+
 def read_predictions(path: str | Path) -> pd.DataFrame:
-    """Read a prediction CSV as written by eval.py or the fVLM release."""
+    """Read a prediction CSV as written by eval.py or the fVLM release: probabilities as floats, NaN where the
+    cell is empty (the anatomy is absent: how eval.py and the release mark it).
+
+    ``MetricsInputError`` for a volume listed twice and for a cell that reads as NaN although it is not empty
+    (``nan`` text: a model output that is not a number, never an absent anatomy); each names the CSV lines."""
     try:
-        df = pd.read_csv(path)
+        df = pd.read_csv(path, dtype=str, keep_default_na=False)
     except (OSError, ValueError, UnicodeDecodeError) as e:
         raise MetricsInputError(f"cannot read prediction CSV {path}: {e}".replace("\n", " ")) from e
     if FILE_COLUMN not in df.columns:
@@ -104,6 +121,26 @@ def read_predictions(path: str | Path) -> pd.DataFrame:
         raise MetricsInputError(f"prediction CSV {path} has no item columns")
     if df.empty:
         raise MetricsInputError(f"prediction CSV {path} has no rows")
+    repeated = df[FILE_COLUMN][df[FILE_COLUMN].duplicated(keep=False)]
+    if len(repeated):
+        first = repeated.iloc[0]
+        raise MetricsInputError(
+            f"prediction CSV {path} lists {repeated.nunique()} volume(s) more than once, e.g. {first} on lines "
+            f"{_lines(repeated.index[repeated == first])}: keep one row per volume")
+    columns = [c for c in df.columns if c != FILE_COLUMN]
+    empty = df[columns] == ""
+    try:
+        probs = df[columns].mask(empty).map(float)  # float() reads 'nan' and 'inf', which are checked below
+    except (ValueError, TypeError) as e:
+        raise MetricsInputError(f"prediction CSV {path} holds a non-numeric probability: {e}") from e
+    nan_text = probs.isna() & ~empty
+    if nan_text.to_numpy().any():
+        rows = np.flatnonzero(nan_text.to_numpy().any(axis=1))
+        raise MetricsInputError(
+            f"prediction CSV {path} holds {int(nan_text.to_numpy().sum())} NaN probabilities (not empty cells, which "
+            f"mark an absent anatomy) on lines {_lines(rows[:5])}{', ...' if len(rows) > 5 else ''}, e.g. "
+            f"{df[FILE_COLUMN].iloc[rows[0]]}: the model's outputs are not numbers; re-run eval.py")
+    df[columns] = probs
     return df
 
 
@@ -118,8 +155,15 @@ def read_labels(path: str | Path) -> pd.DataFrame:
         raise MetricsInputError(f"cannot read labels CSV {path}: {e}".replace("\n", " ")) from e
     if LABEL_KEY not in df.columns:
         raise MetricsInputError(f"labels CSV {path} has no {LABEL_KEY!r} column")
-    if df[LABEL_KEY].duplicated().any():
-        logger.warning("labels CSV %s repeats some VolumeNames; the first row of each is used", path)
+    repeated = df[df[LABEL_KEY].duplicated(keep=False)]
+    disagreeing = repeated[~repeated.duplicated(keep=False)]  # rows of a repeated VolumeName that differ
+    if len(disagreeing):
+        first = disagreeing[LABEL_KEY].iloc[0]
+        raise MetricsInputError(f"labels CSV {path} gives {first} different labels on lines "
+                                f"{_lines(repeated.index[repeated[LABEL_KEY] == first])}: keep one row per volume")
+    if len(repeated):
+        logger.warning("labels CSV %s repeats %d VolumeName(s) with the same labels; one row of each is used",
+                       path, repeated[LABEL_KEY].nunique())
         df = df.drop_duplicates(LABEL_KEY, keep="first")
     return df
 

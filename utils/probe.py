@@ -54,11 +54,16 @@ def fit_predict(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, *,
 
 
 def cross_validated_probs(x: np.ndarray, y: np.ndarray, groups: Sequence[str], *, folds: int = 5, c: float = 1.0,
-                          seed: int = 0) -> np.ndarray:
-    """Out-of-fold probabilities of every row (group k-fold, stratified on ``y``)."""
+                          seed: int = 0, name: str = "labels") -> np.ndarray:
+    """Out-of-fold probabilities of every row (group k-fold, stratified on ``y``); ``name`` (the abnormality)
+    is named in the ``ProbeError`` when there are too few patients or volumes for ``folds``."""
     n_groups = len(set(groups))
     if n_groups < folds:
         raise ProbeError(f"{folds} folds need at least {folds} patients, got {n_groups} (lower --folds)")
+    members = np.bincount(y, minlength=2)
+    if members.max() < folds:  # StratifiedGroupKFold's own condition: it would raise
+        raise ProbeError(f"{name}: {folds} folds need at least {folds} volumes of one class, got {members[0]} "
+                         f"negative and {members[1]} positive (lower --folds)")
     out = np.empty(len(y))
     splitter = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed)
     with warnings.catch_warnings():

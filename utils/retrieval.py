@@ -110,7 +110,8 @@ def format_table(table: pd.DataFrame, *, markdown: bool = False) -> str:
     for label, group in table.groupby("retrieval", sort=False):
         m = group[group["kind"] == "measured"].iloc[0]
         c = group[group["kind"] == "chance"].iloc[0]
+        # ranks are whole numbers and a median may end in .5: :g keeps it (.0f printed 1.5 as 2)
         rows.append([label, *(f"{m[f'R@{k}']:.4f} ({c[f'R@{k}']:.4f})" for k in RECALL_AT),
-                     f"{m['mean_rank']:.1f} ({c['mean_rank']:.1f})", f"{m['median_rank']:.0f}",
+                     f"{m['mean_rank']:.1f} ({c['mean_rank']:.1f})", f"{m['median_rank']:g}",
                      str(int(m["queries"])), str(int(m["gallery"]))])
     return render_table(header, rows, markdown=markdown)

@@ -56,12 +56,16 @@ class OptimConfig:
     batch_size: int
     accum_steps: int
     amp: str
+    chunk_size: int | None = None  # scans per chunk of engine.GradCache; None: the batch in one pass
 
     def __post_init__(self) -> None:
         if self.amp not in AMP_MODES:
             raise ValueError(f"optim.amp must be one of {AMP_MODES}, got {self.amp!r}")
         if min(self.epochs, self.batch_size, self.accum_steps) < 1:
             raise ValueError("optim.epochs, optim.batch_size and optim.accum_steps must be >= 1")
+        if self.chunk_size is not None and not 1 <= self.chunk_size <= self.batch_size:
+            raise ValueError(f"optim.chunk_size must be null or 1..optim.batch_size ({self.batch_size}), "
+                             f"got {self.chunk_size}")
 
 
 @dataclass

@@ -116,7 +116,8 @@ class GradCache:
                                 temp, self.step.model.n_anatomies)
         out["n_pairs"] = torch.tensor(float(image_feats.shape[0]))
         self._cache = {"chunks": chunks, "rng_states": rng_states,
-                       "n_pairs": [f["image_feats"].shape[0] for f in feats], "image_feats": image_feats, "text_feats": text_feats, "temp": temp,
+                       "n_pairs": [f["image_feats"].shape[0] for f in feats],
+                       "image_feats": image_feats, "text_feats": text_feats, "temp": temp,
                        "autocast": (torch.is_autocast_enabled(device.type), torch.get_autocast_dtype(device.type))}
         return out
 

@@ -209,14 +209,17 @@ def _weights(path):
 
 def test_train_py_chunk_size(tiny):
     """train.py --chunk-size: a chunk of the whole batch trains as the default path (2 epochs x 4 steps, dropout
-    on); chunks of 1 resume exactly; a chunk larger than the batch is a one-line error (exit 2)."""
+    on), with --accum-steps too; chunks of 1 resume exactly; a chunk larger than the batch is a one-line error
+    (exit 2)."""
     tmp, preset = tiny
     run = ["--config", str(preset), "--batch-size", "2"]
-    assert train.main([*run, "--output-dir", str(tmp / "a")]) == 0
-    assert train.main([*run, "--output-dir", str(tmp / "b"), "--chunk-size", "2"]) == 0
-    a, b = _weights(tmp / "a" / "checkpoint_1.pth"), _weights(tmp / "b" / "checkpoint_1.pth")
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=k)
+    for one_pass, chunked, extra in (("a", "b", []), ("a2", "b2", ["--accum-steps", "2"])):
+        assert train.main([*run, *extra, "--output-dir", str(tmp / one_pass)]) == 0
+        assert train.main([*run, *extra, "--output-dir", str(tmp / chunked), "--chunk-size", "2"]) == 0
+        a, b = _weights(tmp / one_pass / "checkpoint_1.pth"), _weights(tmp / chunked / "checkpoint_1.pth")
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=f"{extra}: {k}")
+    a = _weights(tmp / "a" / "checkpoint_1.pth")
     assert train.main([*run, "--output-dir", str(tmp / "c"), "--chunk-size", "1"]) == 0
     shutil.copytree(tmp / "c", tmp / "d")
     (tmp / "d" / "checkpoint_1.pth").unlink()  # killed during epoch 1

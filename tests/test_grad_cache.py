@@ -11,6 +11,9 @@ compared with the default step itself.
 """
 import os
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -26,6 +29,7 @@ from tests.conftest import make_tiny_preset, make_train_bert, make_train_cache
 from utils.checkpoint import load_checkpoint
 from utils.preset import load_preset
 
+REPO = Path(__file__).resolve().parents[1]
 BATCH = 8
 WORLD = 2
 
@@ -230,3 +234,20 @@ def test_train_py_chunk_size(tiny):
     assert any((a[k] - c[k]).abs().max() > 1e-4 for k in a)  # chunks of 1 draw other dropout masks
     assert train.main([*run, "--output-dir", str(tmp / "e"), "--chunk-size", "3"]) == 2
     assert not (tmp / "e").exists()
+
+
+@pytest.mark.slow  # ~30 s: two torchrun runs of 2 processes
+def test_torchrun_chunk_size(tiny):
+    """torchrun, 2 processes: train.py --chunk-size (DDP-wrapped ChunkedTrainStep, gradients all-reduced on the
+    last chunk) trains as the default path when the chunk is the whole batch (the same dropout masks)."""
+    tmp, preset = tiny
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    for out, extra in (("ta", []), ("tb", ["--chunk-size", "2"])):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29547",
+               str(REPO / "train.py"), "--config", str(preset), "--epochs", "1", "--batch-size", "2",
+               "--output-dir", str(tmp / out), *extra]
+        r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, r.stderr[-3000:]
+    a, b = _weights(tmp / "ta" / "checkpoint_0.pth"), _weights(tmp / "tb" / "checkpoint_0.pth")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=k)

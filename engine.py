@@ -55,6 +55,115 @@ def _check_finite(loss: torch.Tensor, what: str, last_checkpoint: str | None) ->
                                  "(lower optim.lr, or check the inputs of those scans)")
 
 
+class ChunkedTrainStep(TrainStep):
+    """The module ``GradCache`` runs (and DDP wraps) when the batch is encoded in chunks.
+
+    ``features`` encodes a chunk (``FVLM.forward_train``). ``forward(chunk..., image_grad (P, E), text_grad
+    (P, E), temp_grad scalar)`` encodes it again and returns ``Σ feats·image/text_grad + temp·temp_grad``, whose
+    backward gives each parameter the loss's gradient through this chunk's features (and ``temp``): the towers
+    and ``temp`` are inside the forward DDP sees, so it finds the unused parameters and syncs ``temp`` as usual.
+    """
+
+    def features(self, image: torch.Tensor, mask: torch.Tensor, texts: list[list[str]], text_hash: torch.Tensor,
+                 abnormal: torch.Tensor, usable: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self.model.forward_train(image, mask, texts, text_hash, usable, abnormal, tokenizer=self.tokenizer,
+                                        max_length=self.text_max_length)
+
+    def forward(self, image: torch.Tensor, mask: torch.Tensor, texts: list[list[str]], text_hash: torch.Tensor,
+                abnormal: torch.Tensor, usable: torch.Tensor, image_grad: torch.Tensor, text_grad: torch.Tensor,
+                temp_grad: torch.Tensor) -> torch.Tensor:
+        f = self.features(image, mask, texts, text_hash, abnormal, usable)
+        with torch.autocast(device_type=image.device.type, enabled=False):  # the loss's float32 features
+            return ((f["image_feats"].float() * image_grad).sum() + (f["text_feats"].float() * text_grad).sum()
+                    + self.model.temp.float() * temp_grad)
+
+
+def _rng_state(device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    return torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+
+
+class GradCache:
+    """A training step with the batch encoded in chunks of ``chunk_size`` scans (gradient caching, Gao et al.
+    2021): the loss and gradients of the whole batch in one pass, holding the activations of one chunk.
+
+    ``step_module``: a (possibly DDP-wrapped) ``ChunkedTrainStep``. Use as ``TrainStep``, plus one call:
+    ``out = grad_cache(image, mask, texts, text_hash, abnormal, usable)`` encodes every chunk without autograd,
+    keeping its features and the random state it started from, and returns the loss over the whole (global:
+    features gathered across ranks) batch, as ``TrainStep`` does, computed on detached copies of the features
+    and ``temp``; ``out["loss"].backward()`` reaches only those copies; ``grad_cache.backward_chunks()`` then
+    encodes each chunk again under its saved random state (the same dropout masks), under the same autocast,
+    and backpropagates the copies' gradients into the parameters. Under DDP all chunks but the last run in
+    ``no_sync``: gradients are all-reduced once (on the last chunk, when the caller syncs this step).
+    Every chunk is encoded twice: a step costs one more forward than one pass.
+    """
+
+    def __init__(self, step_module: nn.Module, chunk_size: int) -> None:
+        self.step_module = step_module
+        self.is_ddp = isinstance(step_module, nn.parallel.DistributedDataParallel)
+        self.step = step_module.module if self.is_ddp else step_module
+        if not isinstance(self.step, ChunkedTrainStep):
+            raise TypeError(f"GradCache needs a ChunkedTrainStep, got {type(self.step).__name__}")
+        self.chunk_size = int(chunk_size)
+        self._cache: dict[str, Any] | None = None
+
+    def __call__(self, image: torch.Tensor, mask: torch.Tensor, texts: list[list[str]], text_hash: torch.Tensor,
+                 abnormal: torch.Tensor, usable: torch.Tensor) -> dict[str, torch.Tensor]:
+        device = image.device
+        chunks, rng_states, feats = [], [], []
+        with torch.no_grad():
+            for start in range(0, image.shape[0], self.chunk_size):
+                sl = slice(start, start + self.chunk_size)
+                chunks.append((image[sl], mask[sl], texts[sl], text_hash[sl], abnormal[sl], usable[sl]))
+                rng_states.append(_rng_state(device))
+                feats.append(self.step.features(*chunks[-1]))
+        image_feats = torch.cat([f["image_feats"].float() for f in feats]).requires_grad_()
+        text_feats = torch.cat([f["text_feats"].float() for f in feats]).requires_grad_()
+        temp = self.step.model.temp.detach().requires_grad_()
+        out = self.step.loss_fn(image_feats, text_feats, *(torch.cat([f[k] for f in feats])
+                                                           for k in ("anatomy_idx", "abnormal", "text_hash")),
+                                temp, self.step.model.n_anatomies)
+        out["n_pairs"] = torch.tensor(float(image_feats.shape[0]))
+        self._cache = {"chunks": chunks, "rng_states": rng_states,
+                       "n_pairs": [f["image_feats"].shape[0] for f in feats],
+                       "image_feats": image_feats, "text_feats": text_feats, "temp": temp,
+                       "autocast": (torch.is_autocast_enabled(device.type), torch.get_autocast_dtype(device.type))}
+        return out
+
+    def backward_chunks(self) -> None:
+        """Backpropagate the gradients of the last call's loss into the parameters, chunk by chunk."""
+        if self._cache is None:
+            raise RuntimeError("GradCache.backward_chunks() without a step: call the GradCache and "
+                               "backpropagate its loss first")
+        cache, self._cache = self._cache, None
+        image_grads = torch.split(_grad(cache["image_feats"]), cache["n_pairs"])
+        text_grads = torch.split(_grad(cache["text_feats"]), cache["n_pairs"])
+        temp_grad = _grad(cache["temp"])
+        device = cache["image_feats"].device
+        autocast_on, autocast_dtype = cache["autocast"]
+        n = len(cache["chunks"])
+        for k, (chunk, (cpu_state, cuda_state), image_grad, text_grad) in enumerate(
+                zip(cache["chunks"], cache["rng_states"], image_grads, text_grads)):
+            last = k == n - 1
+            sync = contextlib.nullcontext() if (last or not self.is_ddp) else self.step_module.no_sync()
+            with sync:
+                # the chunk's first-pass random state, restored afterwards: the step leaves the
+                # generators where the first pass left them
+                with torch.random.fork_rng(devices=[device] if cuda_state is not None else [],
+                                           device_type=device.type):
+                    torch.set_rng_state(cpu_state)
+                    if cuda_state is not None:
+                        torch.cuda.set_rng_state(cuda_state, device)
+                    with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_on):
+                        surrogate = self.step_module(*chunk, image_grad, text_grad,
+                                                     temp_grad if last else torch.zeros_like(temp_grad))
+                surrogate.backward()
+
+
+def _grad(leaf: torch.Tensor) -> torch.Tensor:
+    """A leaf's gradient; zeros when the loss did not reach it (no pair of this rank contributed)."""
+    return leaf.grad if leaf.grad is not None else torch.zeros_like(leaf)
+
+
 def train_one_epoch(
     step_module: nn.Module,
     model: nn.Module,
@@ -71,7 +180,8 @@ def train_one_epoch(
 ) -> dict[str, float]:
     """One epoch; returns the epoch means of the logged values.
 
-    ``step_module`` is the (possibly DDP-wrapped) ``TrainStep``; ``model`` the unwrapped FVLM
+    ``step_module`` is the (possibly DDP-wrapped) ``TrainStep``, a ``ChunkedTrainStep`` when
+    ``optim.chunk_size`` is set (the batch is then encoded in chunks, ``GradCache``); ``model`` the unwrapped FVLM
     (temperature clamp); ``world_size`` the number of processes (for the samples/s figure).
     ``loader`` yields ``data.dataset.collate`` batches: their flips and HU scaling
     (``model_inputs``, window ``loader.dataset.hu_window``) run here, on ``device``.
@@ -87,6 +197,8 @@ def train_one_epoch(
     amp = torch.autocast(device_type=device.type, dtype=torch.bfloat16) if optim_cfg.amp == "bf16" \
         else contextlib.nullcontext()
     is_ddp = isinstance(step_module, nn.parallel.DistributedDataParallel)
+    grad_cache = GradCache(step_module, optim_cfg.chunk_size) if optim_cfg.chunk_size else None
+    forward = step_module if grad_cache is None else grad_cache
     hu_window = loader.dataset.hu_window
     step_module.train()
     sums: dict[str, float] = {}
@@ -112,11 +224,13 @@ def train_one_epoch(
             inputs = (image, mask, batch["texts"], batch["text_hash"], batch["abnormal"], batch["usable"])
             with ctx:
                 with amp:
-                    out = step_module(*inputs)
+                    out = forward(*inputs)
                 loss = out["loss"]
                 _check_finite(loss, f"loss is {{}} at epoch {epoch}, step {step} (scans {batch['scan_id']}); "
                               "stopping without updating the weights", last_checkpoint)
                 (loss / accum).backward()
+                if grad_cache is not None:  # the towers' gradients, chunk by chunk
+                    grad_cache.backward_chunks()
             for k, v in out.items():
                 if k.startswith("loss") or k == "n_pairs":
                     step_stats[k] = step_stats.get(k, 0.0) + float(v.detach()) / accum
@@ -141,7 +255,7 @@ def train_one_epoch(
         # they give a finite loss (a blown-up update can leave huge but finite weights)
         step_module.eval()
         with torch.no_grad(), amp:
-            out = step_module(*inputs)
+            out = forward(*inputs)
         _check_finite(out["loss"], f"the weights after epoch {epoch} give a loss of {{}} on its last batch; "
                       "not saving them", last_checkpoint)
     finally:

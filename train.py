@@ -36,7 +36,7 @@ import torch
 
 from data.dataset import CTRateTrainDataset, SampleReadError, collate
 from data.io import InUseError, atomic_output, check_writable, image_to_mask_path, list_volumes, one_line
-from engine import TrainStep, train_one_epoch
+from engine import ChunkedTrainStep, TrainStep, train_one_epoch
 from models.builder import build_model, text_weights_from_directory
 from models.loss import AnatomyContrastiveLoss
 from models.text_encoder import missing_parts
@@ -56,7 +56,7 @@ REPORT_FILES = ("desc_info.json", "conc_info.json")
 FLAG_KEYS = {"data_root": "paths.data_root", "mae_weights": "paths.mae_weights",
              "text_encoder": "paths.text_encoder", "output_dir": "paths.output_dir",
              "amp": "optim.amp", "grad_checkpointing": "model.grad_checkpointing",
-             "accum_steps": "optim.accum_steps", "epochs": "optim.epochs",
+             "accum_steps": "optim.accum_steps", "chunk_size": "optim.chunk_size", "epochs": "optim.epochs",
              "batch_size": "optim.batch_size", "workers": "data.workers", "max_steps": "optim.max_steps"}
 
 
@@ -79,7 +79,10 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="keep only the N newest checkpoints (default: all)")
     p.add_argument("--amp", choices=["none", "bf16"])
     p.add_argument("--grad-checkpointing", dest="grad_checkpointing", action="store_const", const=True)
-    p.add_argument("--accum-steps", dest="accum_steps", type=int)
+    p.add_argument("--accum-steps", dest="accum_steps", type=int,
+                   help="micro-batches per step, each with its own contrastive loss (another objective than one batch)")
+    p.add_argument("--chunk-size", dest="chunk_size", type=int,
+                   help="encode each batch in chunks of this many scans: the same step, less memory, one more forward")
     p.add_argument("--epochs", type=int)
     p.add_argument("--batch-size", dest="batch_size", type=int, help="per process")
     p.add_argument("--workers", type=int, help="DataLoader workers per process")
@@ -342,8 +345,9 @@ def _train_in(out_dir: Path, args: argparse.Namespace, cfg: Preset, rank: int, w
     elif args.resume:
         logger.info("--resume: no checkpoint in %s, starting a new run", out_dir)
 
-    step_module: torch.nn.Module = TrainStep(model, AnatomyContrastiveLoss(rank, world_size, pipe.anatomy_names),
-                                             tokenizer, cfg.model.text_max_length)
+    step_class = TrainStep if optim_cfg.chunk_size is None else ChunkedTrainStep
+    step_module: torch.nn.Module = step_class(model, AnatomyContrastiveLoss(rank, world_size, pipe.anatomy_names),
+                                              tokenizer, cfg.model.text_max_length)
     if world_size > 1:
         step_module = torch.nn.parallel.DistributedDataParallel(
             step_module, device_ids=[device.index] if device.type == "cuda" else None,

@@ -11,6 +11,16 @@ so no data is needed. Prints one JSON line per setting.
     python bench/bench_train.py --only gpu           # GPU: ViT-B batch 14 fp32 + bf16, largest batch
     python bench/bench_train.py --only gpu --device cpu --preset demo.yaml --batch 4 --no-largest-batch
                                                      # the same report on the CPU, to check the script
+    python bench/bench_train.py --only chunks        # CPU: --chunk-size against one pass (demo preset, batch 16)
+
+The chunks report (train.py --chunk-size, engine.GradCache) runs each chunk size in a fresh process, between
+two one-pass runs of the same batch (its baseline, in the same run): seconds per step, their ratio to the
+baseline, peak RSS, and the activation memory of the step: the bytes autograd saves for backward in the
+largest graph the step holds at once (the batch's, or one chunk's; parameters not counted), the part
+chunking divides. With a GPU, ``--only gpu`` adds the release's global batch of 56 (``--global-batch``) as
+1, 2 or 4 processes would hold it (56, 28 or 14 scans per process; measured as one process, without the
+gather across processes): the largest chunk that fits and the seconds per step with it, per precision (with
+``--device cpu`` there is no search: the chunk is the smaller of that batch and ``--batch``).
 
 The gpu report adds, per precision, the share of the step spent in the text tower (its
 forward + backward timed alone on the step's texts, deduplicated and padded as in
@@ -48,7 +58,7 @@ if str(REPO_ROOT) not in sys.path:
 
 from data.dataset import model_inputs  # noqa: E402
 from data.texts import text_hash  # noqa: E402
-from engine import TrainStep  # noqa: E402
+from engine import ChunkedTrainStep, GradCache, TrainStep  # noqa: E402
 from models.builder import build_model  # noqa: E402
 from models.loss import AnatomyContrastiveLoss  # noqa: E402
 from utils.preset import load_preset  # noqa: E402
@@ -118,8 +128,10 @@ def _batch(batch: int, crop: tuple[int, int, int], hu_window: tuple[float, float
 
 
 def bench(preset: str, batch: int, *, amp: str, steps: int, device: torch.device,
-          grad_checkpointing: bool = False, detail: bool = False) -> dict:
-    """One setting; ``detail`` adds the text tower's share of the step, model FLOPs and MFU."""
+          grad_checkpointing: bool = False, detail: bool = False, chunk_size: int | None = None,
+          activations: bool = False) -> dict:
+    """One setting; ``detail`` adds the text tower's share of the step, model FLOPs and MFU; ``chunk_size`` runs
+    the step as train.py --chunk-size does; ``activations`` adds the step's activation memory (module doc)."""
     cfg = load_preset(REPO_ROOT / "configs" / preset,
                       flags={"paths.text_encoder": str(_random_bert_dir(preset)), "paths.mae_weights": None,
                              "model.grad_checkpointing": grad_checkpointing})
@@ -127,8 +139,9 @@ def bench(preset: str, batch: int, *, amp: str, steps: int, device: torch.device
     model, tokenizer = build_model(cfg.model, img_size=cfg.data.crop_size, n_anatomies=len(ANATOMIES),
                                    text_encoder_dir=cfg.paths.text_encoder)
     model.to(device)
-    step_module = TrainStep(model, AnatomyContrastiveLoss(anatomy_names=ANATOMIES), tokenizer,
-                            cfg.model.text_max_length)
+    step_module = (TrainStep if chunk_size is None else ChunkedTrainStep)(
+        model, AnatomyContrastiveLoss(anatomy_names=ANATOMIES), tokenizer, cfg.model.text_max_length)
+    grad_cache = None if chunk_size is None else GradCache(step_module, chunk_size)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
     data = _batch(batch, cfg.data.crop_size, cfg.pipeline.hu_window, device)
     ctx = torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp == "bf16")
@@ -140,9 +153,11 @@ def bench(preset: str, batch: int, *, amp: str, steps: int, device: torch.device
     def train_step() -> None:
         image, mask = model_inputs(data["hu"], data["mask"], data["flip"], cfg.pipeline.hu_window)  # as engine does
         with ctx:
-            out = step_module(image, mask, data["texts"], data["text_hash"], data["abnormal"],
-                              data["usable"])
+            out = (step_module if grad_cache is None else grad_cache)(
+                image, mask, data["texts"], data["text_hash"], data["abnormal"], data["usable"])
         out["loss"].backward()
+        if grad_cache is not None:
+            grad_cache.backward_chunks()
         opt.step()
         opt.zero_grad(set_to_none=True)
         last["out"] = out
@@ -154,18 +169,24 @@ def bench(preset: str, batch: int, *, amp: str, steps: int, device: torch.device
         feats.float().sum().backward()
         opt.zero_grad(set_to_none=True)
 
-    times = _timed(train_step, steps, device)
+    cpu_times: list[float] = []
+    times = _timed(train_step, steps, device, cpu_times)
     out = last["out"]
     n_tokens = tokenizer(data["texts"][0], padding="longest", truncation=True,
                          max_length=cfg.model.text_max_length)["input_ids"]
-    res = {"preset": preset, "batch": batch, "amp": amp, "grad_checkpointing": grad_checkpointing,
+    res = {"preset": preset, "batch": batch, "chunk_size": chunk_size, "amp": amp,
+           "grad_checkpointing": grad_checkpointing,
            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
-           "sec_per_step": round(sum(times) / len(times), 4), "samples_per_s": round(batch * len(times) / sum(times), 3),
+           "sec_per_step": round(sum(times) / len(times), 4),
+           "cpu_sec_per_step": round(sum(cpu_times) / len(cpu_times), 4),
+           "samples_per_s": round(batch * len(times) / sum(times), 3),
            "steps_timed": len(times), "text_tokens_lung": len(n_tokens[0]), "loss": round(float(out["loss"].detach()), 4)}
     if device.type == "cuda":
         res["peak_mem_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
     else:
         res["peak_rss_gib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)
+    if activations:
+        res["activation_mib"] = round(_activation_bytes(train_step, step_module, model) / 2**20, 1)
     if detail:
         text_times = _timed(text_tower_step, steps, device)
         res["text_tower_sec"] = round(sum(text_times) / len(text_times), 4)
@@ -181,28 +202,98 @@ def bench(preset: str, batch: int, *, amp: str, steps: int, device: torch.device
     return res
 
 
-def _timed(fn, steps: int, device: torch.device) -> list[float]:
-    """Seconds of ``steps`` calls of ``fn`` after one warm-up call, synchronised on a GPU."""
+def _activation_bytes(train_step, step_module: torch.nn.Module, model: torch.nn.Module) -> int:
+    """Bytes autograd saves for backward in the largest graph one ``train_step()`` builds: the sum over the
+    distinct storages saved during one forward of ``step_module`` (the batch's, or each chunk's: the chunked
+    first pass saves nothing), parameters left out."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen: set[int] = set()
+    sizes = [0]
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in params and ptr not in seen:
+            seen.add(ptr)
+            sizes[-1] += t.untyped_storage().nbytes()
+        return t
+
+    def new_graph(*_) -> None:
+        seen.clear()
+        sizes.append(0)
+
+    hook = step_module.register_forward_pre_hook(new_graph)
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            train_step()
+    finally:
+        hook.remove()
+    return max(sizes)
+
+
+def _timed(fn, steps: int, device: torch.device, cpu_times: list[float] | None = None) -> list[float]:
+    """Seconds of ``steps`` calls of ``fn`` after one warm-up call, synchronised on a GPU; the process's
+    CPU seconds of each call go to ``cpu_times`` when given."""
     times = []
     for i in range(steps + 1):
         if device.type == "cuda":
             torch.cuda.synchronize()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         fn()
         if device.type == "cuda":
             torch.cuda.synchronize()
         if i:
             times.append(time.perf_counter() - t0)
+            if cpu_times is not None:
+                cpu_times.append(time.process_time() - c0)
     return times
 
 
-def _subprocess(preset: str, batch: int, steps: int) -> None:
-    cmd = [sys.executable, __file__, "--_one", preset, str(batch), str(steps)]
+def _subprocess(preset: str, batch: int, steps: int, chunk_size: int = 0) -> dict | None:
+    """One CPU setting in a fresh process (its own peak RSS); prints and returns its JSON line.
+    ``chunk_size``: 0 = one pass without the activation measurement, -1 = one pass with it."""
+    cmd = [sys.executable, __file__, "--_one", preset, str(batch), str(steps), str(chunk_size)]
     r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode:
         print(json.dumps({"preset": preset, "batch": batch, "error": r.stderr.strip().splitlines()[-1:]}))
-    else:
-        print(r.stdout.strip().splitlines()[-1], flush=True)
+        return None
+    print(r.stdout.strip().splitlines()[-1], flush=True)
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def _chunk_report(preset: str, batch: int, chunk_sizes: list[int], steps: int) -> None:
+    """Each chunk size between two one-pass runs of the same batch; then one summary line."""
+    base = [_subprocess(preset, batch, steps, -1)]
+    runs = {c: _subprocess(preset, batch, steps, c) for c in chunk_sizes}
+    base.append(_subprocess(preset, batch, steps, -1))
+    if None in base or None in runs.values():
+        return
+    sec, cpu = (sum(b[k] for b in base) / 2 for k in ("sec_per_step", "cpu_sec_per_step"))
+    print(json.dumps({"preset": preset, "batch": batch, "one_pass_sec_per_step": round(sec, 4),
+                      "one_pass_activation_mib": base[0]["activation_mib"],
+                      "chunks": {c: {"time_ratio": round(r["sec_per_step"] / sec, 3),
+                                     "cpu_time_ratio": round(r["cpu_sec_per_step"] / cpu, 3),
+                                     "activation_mib": r["activation_mib"],
+                                     "activation_mib_per_scan": round(r["activation_mib"] / c, 2)}
+                                 for c, r in runs.items()}}), flush=True)
+
+
+def _largest_chunk(device: torch.device, amp: str, batch: int, preset: str) -> int:
+    """The largest chunk (<= ``batch``) with which a step of ``batch`` scans fits; 0 if none does."""
+    def fits(c: int) -> bool:
+        try:
+            bench(preset, batch, amp=amp, steps=1, device=device, chunk_size=c)
+            return True
+        except torch.OutOfMemoryError:
+            return False
+        finally:
+            torch.cuda.empty_cache()
+    if fits(batch):
+        return batch
+    lo, hi = 0, batch
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return lo
 
 
 def _largest_batch(device: torch.device, amp: str, start: int, preset: str) -> int:
@@ -225,7 +316,7 @@ def _largest_batch(device: torch.device, amp: str, start: int, preset: str) -> i
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--only", choices=["demo", "paper", "gpu"], action="append")
+    p.add_argument("--only", choices=["demo", "paper", "gpu", "chunks"], action="append")
     p.add_argument("--steps", type=int, default=3, help="timed steps per setting (after one warm-up step)")
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 2], help="paper-size CPU batches")
     p.add_argument("--device", default="cuda", help="gpu report: device (cpu to check the script)")
@@ -233,12 +324,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=14, help="gpu report: batch per step (the paper's 14 per GPU)")
     p.add_argument("--no-largest-batch", dest="largest_batch", action="store_false",
                    help="gpu report: skip the search for the largest batch that fits")
-    p.add_argument("--_one", nargs=3, help=argparse.SUPPRESS)
+    p.add_argument("--global-batch", dest="global_batch", type=int, default=56,
+                   help="gpu report: the global batch held in chunks by 1, 2 or 4 processes (0: skip)")
+    p.add_argument("--chunks-preset", dest="chunks_preset", default="demo.yaml", help="chunks report: preset")
+    p.add_argument("--chunks-batch", dest="chunks_batch", type=int, default=16, help="chunks report: batch")
+    p.add_argument("--chunk-sizes", dest="chunk_sizes", type=int, nargs="+", default=[8, 4, 2, 1],
+                   help="chunks report: chunk sizes")
+    p.add_argument("--_one", nargs=4, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     cpu = torch.device("cpu")
     if args._one:
-        preset, batch, steps = args._one
-        print(json.dumps(bench(preset, int(batch), amp="none", steps=int(steps), device=cpu)), flush=True)
+        preset, batch, steps, chunk = args._one[0], *(int(x) for x in args._one[1:])
+        print(json.dumps(bench(preset, batch, amp="none", steps=steps, device=cpu,
+                               chunk_size=chunk if chunk > 0 else None, activations=chunk != 0)), flush=True)
         return 0
     only = args.only or (["gpu"] if torch.cuda.is_available() else ["demo", "paper"])
     if "demo" in only:
@@ -247,6 +345,8 @@ def main(argv: list[str] | None = None) -> int:
     if "paper" in only:
         for b in args.batch_sizes:
             _subprocess("ctrate.yaml", b, min(args.steps, 2))
+    if "chunks" in only:
+        _chunk_report(args.chunks_preset, args.chunks_batch, args.chunk_sizes, args.steps)
     if "gpu" in only:
         gpu = torch.device(args.device)
         for amp in ("none", "bf16"):
@@ -258,6 +358,16 @@ def main(argv: list[str] | None = None) -> int:
             b = _largest_batch(gpu, amp, 16, args.preset)
             print(json.dumps({"preset": args.preset, "amp": amp, "largest_batch": b,
                               "device": torch.cuda.get_device_name(gpu)}), flush=True)
+        for amp in ("none", "bf16") if args.global_batch else ():
+            for n in (1, 2, 4):
+                b = args.global_batch // n
+                c = _largest_chunk(gpu, amp, b, args.preset) if gpu.type == "cuda" else min(b, args.batch)
+                res = bench(args.preset, b, amp=amp, steps=args.steps, device=gpu, chunk_size=c) if c else {}
+                print(json.dumps({"preset": args.preset, "amp": amp, "global_batch": args.global_batch, "processes": n,
+                                  "batch_per_process": b, "largest_chunk": c, "sec_per_step": res.get("sec_per_step"),
+                                  "peak_mem_gib": res.get("peak_mem_gib"), "device": res.get("device")}), flush=True)
+                if gpu.type == "cuda":
+                    torch.cuda.empty_cache()
     return 0
 
 

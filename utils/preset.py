@@ -57,6 +57,7 @@ class OptimConfig:
     accum_steps: int
     amp: str
     max_steps: int | None = None  # stop after this many optimiser steps in all (smoke tests); None: every epoch
+    chunk_size: int | None = None  # scans per chunk of engine.GradCache; None: the batch in one pass
 
     def __post_init__(self) -> None:
         if self.amp not in AMP_MODES:
@@ -65,6 +66,9 @@ class OptimConfig:
             raise ValueError("optim.epochs, optim.batch_size and optim.accum_steps must be >= 1")
         if self.max_steps is not None and self.max_steps < 1:
             raise ValueError(f"optim.max_steps must be >= 1 or null, got {self.max_steps}")
+        if self.chunk_size is not None and not 1 <= self.chunk_size <= self.batch_size:
+            raise ValueError(f"optim.chunk_size must be null or 1..optim.batch_size ({self.batch_size}), "
+                             f"got {self.chunk_size}")
 
 
 @dataclass

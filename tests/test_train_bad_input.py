@@ -30,9 +30,9 @@ def setup(tmp_path):
 
 
 def snapshot(folder: Path) -> dict[str, tuple[bytes, int]]:
-    """Every file under ``folder``: (content, mtime_ns)."""
+    """Every file of the run under ``folder``: (content, mtime_ns); not the lock, which records its holder."""
     return {str(p.relative_to(folder)): (p.read_bytes(), p.stat().st_mtime_ns)
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+            for p in sorted(folder.rglob("*")) if p.is_file() and not p.name.endswith(".lock")}
 
 
 def epochs_in(path: Path) -> list[int]:

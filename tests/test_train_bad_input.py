@@ -15,18 +15,12 @@ import torch
 import yaml
 
 import train
-from tests.conftest import make_tiny_preset, make_train_bert, make_train_cache
+from tests.conftest import make_train_bert
 from tests.test_bad_input import errors
+from tests.test_train import setup  # noqa: F401  (fixture)
 from utils.checkpoint import load_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture()
-def setup(tmp_path):
-    make_train_cache(tmp_path / "data", 6)
-    make_train_bert(tmp_path / "bert")
-    return tmp_path, make_tiny_preset(tmp_path)
 
 
 def snapshot(folder: Path) -> dict[str, tuple[bytes, int]]:
@@ -237,6 +231,13 @@ def _can_mount_tmpfs() -> bool:
         return False
 
 
+def train_under_mount(mount: str, cfg: Path, then: str = "true") -> subprocess.CompletedProcess:
+    """``train.py --config cfg`` in a user+mount namespace after ``mount``; stdout ends with ``rc=N`` and ``then``'s."""
+    script = f"{mount} && {sys.executable} {REPO / 'train.py'} --config {cfg}; echo rc=$?; {then}"
+    return subprocess.run(["unshare", "-rm", "sh", "-c", script], cwd=REPO, capture_output=True, text=True,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}, timeout=600)
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not _can_mount_tmpfs(), reason="needs `unshare -rm` to mount a tiny tmpfs")
 def test_full_disk_while_saving_a_checkpoint(setup):
@@ -244,10 +245,7 @@ def test_full_disk_while_saving_a_checkpoint(setup):
     tmp, cfg = setup
     out = tmp / "out"
     out.mkdir()
-    script = (f"mount -t tmpfs -o size=256k tmpfs {out} && {sys.executable} {REPO / 'train.py'} --config {cfg}; "
-              f"echo rc=$?; ls -A {out}")
-    r = subprocess.run(["unshare", "-rm", "sh", "-c", script], cwd=REPO, capture_output=True, text=True,
-                       env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}, timeout=600)
+    r = train_under_mount(f"mount -t tmpfs -o size=256k tmpfs {out}", cfg, f"ls -A {out}")
     lines = r.stdout.split()
     assert "rc=2" in lines, r.stderr[-2000:]
     assert sorted(lines[lines.index("rc=2") + 1:]) == [".train.lock", "config.yaml", "log.txt", "log_steps.jsonl"]
@@ -262,10 +260,7 @@ def test_read_only_output_dir(setup):
     tmp, cfg = setup
     out = tmp / "out"
     out.mkdir()
-    script = (f"mount --bind {out} {out} && mount -o remount,ro,bind {out} && "
-              f"{sys.executable} {REPO / 'train.py'} --config {cfg}; echo rc=$?")
-    r = subprocess.run(["unshare", "-rm", "sh", "-c", script], cwd=REPO, capture_output=True, text=True,
-                       env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}, timeout=600)
+    r = train_under_mount(f"mount --bind {out} {out} && mount -o remount,ro,bind {out}", cfg)
     assert "rc=2" in r.stdout.split(), r.stderr[-2000:]
     (line,) = [x for x in r.stderr.splitlines() if x.startswith("train: error: ")]
     assert f"cannot write to {out} (Read-only file system)" in line

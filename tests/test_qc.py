@@ -40,6 +40,7 @@ def run_qc(root: Path, tmp_path: Path) -> dict[str, dict]:
     return rows
 
 
+@pytest.mark.slow
 def test_clean_volumes_are_not_flagged_and_mosaics_are_written(processed, tmp_path):
     rows = run_qc(processed, tmp_path)
     assert len(rows) == len(list_volumes(processed, "valid"))
@@ -78,6 +79,7 @@ def _break(root: Path, fault: str) -> str:
     return path.stem
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fault", ["missing:heart", "tiny:aorta", "mirrored", "rescaled_twice", "mostly_padding"])
 def test_each_flag_fires_on_its_fault_only(processed, tmp_path, fault):
     root = tmp_path / "root"

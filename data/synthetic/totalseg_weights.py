@@ -26,7 +26,6 @@ import argparse
 import hashlib
 import json
 import logging
-import os
 import sys
 import time
 from importlib.metadata import version

@@ -11,7 +11,8 @@ Reads ``processed_{split}_{images,masks}/`` (the training cache ``preprocess`` w
   share, HU percentiles (1, 50, 99) of the non-padding voxels and the flags:
 
   - ``missing:{anatomy}`` / ``tiny:{anatomy}`` (fewer voxels than ``TINY_FRACTION`` of the sample's median);
-  - ``mirrored``: the heart lies on the other side of the body's midline (x) than in most sampled volumes;
+  - ``mirrored``: the heart lies on the other side of the body's midline (x) than in most sampled volumes
+    (judged when at least 3 sampled volumes have a heart);
   - ``rescaled_twice``: the 1st HU percentile is below ``TWICE_RESCALED_HU`` (air at ~-2048 instead of
     ~-1000: a v1 volume whose rescale was applied again);
   - ``mostly_padding``: more than ``MAX_PADDING`` of the crop is padding.

@@ -161,3 +161,17 @@ def make_cxr_bert_dir(out: Path) -> Path:
     for name in ("vocab.txt", "tokenizer_config.json", "special_tokens_map.json"):
         (out / name).write_bytes((minilm / name).read_bytes())
     return out
+
+
+@pytest.fixture(scope="session")
+def totalseg_home() -> Path:
+    """TotalSegmentator's home folder with our small weights in its layout, built by the user's command
+    (``python -m data.synthetic.totalseg_weights``; a no-op when ``$FVLM_CACHE_DIR`` holds them)."""
+    import subprocess
+
+    from data.synthetic.totalseg_weights import weights_home
+    home = weights_home(os.environ.get("FVLM_CACHE_DIR", Path.home() / ".cache" / "fvlm"))
+    proc = subprocess.run([sys.executable, "-m", "data.synthetic.totalseg_weights", "--home", str(home)],
+                          cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return home

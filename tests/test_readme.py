@@ -3,7 +3,9 @@
 A repository laid out as the README says (the tracked code, a synthetic CT-RATE v2 download
 and the anatomy JSONs under ``data/``, ``mae_pretrain_vit_base.pth`` and
 ``BiomedVLP-CXR-BERT-specialized/`` at the root in their real layouts, ``.venv`` the test's
-environment) runs the README's command block, read from README.md, in one bash shell. Added,
+environment; TotalSegmentator's home folder holding our small weights in its layout,
+``TOTALSEG_HOME_DIR``, as after ``totalseg_download_weights``) runs the README's command block, read
+from README.md, in one bash shell. Added,
 only to make it short: ``--max-steps 1 --batch-size 2 --workers 0`` for train.py (one step of
 the ctrate preset on CPU), one process per torchrun (a free port via PET_MASTER_PORT), and the
 checkpoint of that step (``checkpoint_0``) for the README's ``checkpoint_19``. The preset's
@@ -18,6 +20,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import SimpleITK as sitk
 import torch
 import yaml
 from safetensors.torch import load_file
@@ -55,9 +58,6 @@ def shortened(lines: list[str]) -> str:
     steps = [j for j in range(i) if re.match(r"python \w+\.py --split train", lines[j])]
     assert len(steps) == 4, lines
     lines[i:i + 1] = [lines[j].replace("--split train", split) for j in steps]
-    # TOTALSEG: switch to TOTALSEG_HOME_DIR when data.synthetic.totalseg_weights lands
-    for j in [j for j, line in enumerate(lines) if re.match(r"python generate_mask\.py", line)]:
-        lines[j] = lines[j].split("#")[0].rstrip() + " --masks-from totalseg_gt"
     lines[_one(lines, r"train\.py")] = lines[_one(lines, r"train\.py")].split("#")[0].rstrip() + " " + SHORT_TRAIN
     lines = [re.sub(r"--nproc_per_node=\d+", "--nproc_per_node=1", line) for line in lines]
     lines = [re.sub(r"checkpoint_\d+", "checkpoint_0", line) for line in lines]
@@ -89,7 +89,7 @@ def free_port() -> int:
 
 def test_shortening_adds_only_the_step_limit_and_sizes():
     script = shortened(readme_block())
-    assert script.count(SHORT_TRAIN) == 1 and script.count("--masks-from") == 2
+    assert script.count(SHORT_TRAIN) == 1 and "--masks-from" not in script
     assert "checkpoint_19" not in script and "--nproc_per_node=4" not in script
     for line in readme_block():  # every command of the README is in the script, changed at most as above
         command = re.sub(r"checkpoint_\d+", "checkpoint_0", re.sub(r"--nproc_per_node=\d+", "--nproc_per_node=1",
@@ -98,10 +98,11 @@ def test_shortening_adds_only_the_step_limit_and_sizes():
 
 
 @pytest.mark.slow
-def test_readme_commands_use_every_preset_default(tmp_path):
+def test_readme_commands_use_every_preset_default(tmp_path, totalseg_home):
     repo = tmp_path / "fvlm"
     lay_out_repository(repo)
-    env = {**os.environ, "PET_MASTER_PORT": str(free_port()), "PATH": os.environ.get("PATH", "/usr/bin:/bin")}
+    env = {**os.environ, "PET_MASTER_PORT": str(free_port()), "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+           "TOTALSEG_HOME_DIR": str(totalseg_home)}
     env.pop("VIRTUAL_ENV", None)
     r = subprocess.run(["bash", "-e", "-c", shortened(readme_block(repo / "README.md"))], cwd=repo, env=env,
                        capture_output=True, text=True, timeout=1800)
@@ -130,6 +131,11 @@ def test_readme_commands_use_every_preset_default(tmp_path):
     assert text
     for k, v in text.items():
         torch.testing.assert_close(v, bert["bert." + k.removeprefix("text_encoder.")], rtol=0, atol=3e-6, msg=k)
+    # generate_mask ran TotalSegmentator (not a copy of the ground truth): its masks are not the phantoms'
+    mask = sorted((data / "train_mask").rglob("*.nii.gz"))[0]
+    truth = data / "totalseg_gt" / "train" / mask.relative_to(data / "train_mask")
+    labels, truth_labels = (sitk.GetArrayFromImage(sitk.ReadImage(str(p))) for p in (mask, truth))
+    assert labels.shape == truth_labels.shape and (labels > 0).any() and (labels != truth_labels).any()
     # the data steps wrote under data/, eval scored every validation volume, calc_metrics wrote its tables
     n_valid = len(list((data / "processed_valid_images").rglob("*.nii")))
     csv = repo / re.search(r"--csv_file (\S+)", shortened(readme_block(repo / "README.md"))).group(1)

@@ -222,7 +222,7 @@ def find_resume_point(out_dir: Path, cfg: Preset, world_size: int, allow_changed
     path = latest_checkpoint(out_dir)
     if path is None:
         return None, 0
-    ckpt = load_checkpoint(path)
+    ckpt = load_checkpoint(path, mmap=True)  # mapped: only its records are read here; the tensors by _train_in
     if not isinstance(ckpt.get("optimizer"), dict) or not isinstance(ckpt.get("config"), dict):
         raise CheckpointError(f"{path} has no optimiser state or config (a weights-only copy?): --resume needs the "
                               f"checkpoint train.py wrote; move {path.name} out of {out_dir} or set --output-dir")

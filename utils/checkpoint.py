@@ -323,34 +323,29 @@ def _load_error(path: Path, exc: BaseException) -> CheckpointError:
     return CheckpointError(f"cannot load {path} with weights_only=True: {detail}")
 
 
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Read a whole checkpoint (model, optimiser, ...) on the CPU with ``weights_only=True``;
-    ``CheckpointError`` when missing or not loadable as plain data."""
+def load_checkpoint(path: str | Path, *, mmap: bool = False) -> dict[str, Any]:
+    """A checkpoint (model, optimiser, ...) on the CPU with ``weights_only=True``; ``CheckpointError`` when
+    missing or not loadable as plain data. ``mmap``: map the file instead of reading it, so only the tensors
+    used are read from disk (files in torch's legacy non-zip format cannot be mapped and are read whole)."""
     path = Path(path)
     _check_file(path)
     try:
+        if mmap:
+            try:
+                return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as e:
+                if "mmap" not in str(e):
+                    raise
         return torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as e:
         raise _load_error(path, e) from e
 
 
 def load_model_weights(path: str | Path) -> Mapping[str, Any]:
-    """The model's weights of a checkpoint (ours, or the release's file) without reading the rest.
-
-    The file is memory-mapped (``mmap=True``), so the optimiser state that training checkpoints
-    carry is never read from disk; only the tensors the model loads are. Files in torch's legacy
-    (non-zip) format cannot be mapped and are read whole."""
+    """The model's weights of a checkpoint (ours, or the release's file) without reading the rest: the file is
+    memory-mapped, so the optimiser state that training checkpoints carry is never read from disk."""
     path = Path(path)
-    _check_file(path)
-    try:
-        try:
-            ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as e:
-            if "mmap" not in str(e):
-                raise
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as e:
-        raise _load_error(path, e) from e
+    ckpt = load_checkpoint(path, mmap=True)
     if isinstance(ckpt, Mapping) and isinstance(ckpt.get("model"), Mapping):
         return ckpt["model"]
     if not isinstance(ckpt, Mapping):
